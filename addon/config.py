@@ -1,0 +1,255 @@
+"""The addon's configuration: one typed, validated object built once from config.yaml.
+
+Keys and meanings follow Pixiu's `dgp.filter.ai.kvcache` filter so a Pixiu config can be
+carried over; `endpoints` and `load_balancing` come from what Pixiu keeps in its cluster
+config. Every default lives here. Validation is pydantic's (unknown keys, ranges, types);
+`ConfigError` turns its first error into one line naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Go's time.Duration syntax ("50ms", "1m30s"), which Pixiu configs use; no maintained
+# Python library parses exactly this format, and it is a dozen lines.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from "50ms", "2s", "5m", "1m30s" or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        pos, seconds = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            raise ValueError('not a duration (use e.g. "50ms", "2s", "5m")')
+    else:
+        raise ValueError('not a duration (use e.g. "50ms", "2s", "5m")')
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenCacheConfig(_Section):
+    # On by default: without it the seed never routes (routing needs the prompt's tokens).
+    enabled: bool = True
+    max_size: Positive = 4096
+    ttl: Duration = 600.0
+
+
+class CacheStrategyConfig(_Section):
+    enable_compression: bool = False
+    enable_pinning: bool = True
+    enable_eviction: bool = False
+    load_threshold: Ratio = 0.7
+    memory_threshold: Ratio = 0.85
+    hot_content_threshold: Positive = 10
+    pin_instance_id: str = ""
+    pin_location: str = "LocalCPUBackend"
+    compress_instance_id: str = ""
+    compress_location: str = "LocalCPUBackend"
+    compress_method: str = "cachegen"
+    evict_instance_id: str = ""
+    evict_location: str = "LocalCPUBackend"
+    # LMCache 0.5.x has no /evict; /clear drops everything an instance holds at a location,
+    # so it is only a fallback when the user asks for it, and at most once per cooldown.
+    eviction_clear_fallback: bool = False
+    clear_cooldown: Duration = 300.0
+    load_source: Literal["cpu", "engine"] = "engine"
+
+
+class RetryConfig(_Section):
+    max_attempts: Positive = 3
+    base_backoff: Duration = 0.1
+    max_backoff: Duration = 2.0
+
+
+class CircuitBreakerConfig(_Section):
+    failure_threshold: Positive = 5
+    recovery_timeout: Duration = 10.0
+    half_open_max_calls: Positive = 2
+
+
+class BackgroundConfig(_Section):
+    workers: Positive = 2
+    queue_size: Positive = 256
+
+
+class EndpointConfig(_Section):
+    id: Annotated[str, Field(min_length=1)]
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.path not in ("", "/") or parts.query:
+            # The proxy rewrites scheme, host and port only; a path would be silently lost.
+            raise ValueError("must be a base URL without a path")
+        try:
+            parts.port  # noqa: B018 - raises on a non-numeric port
+        except ValueError as e:
+            raise ValueError(f"bad port ({e})") from None
+        return v.rstrip("/")
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class KVCacheConfig(_Section):
+    enabled: bool = True
+    vllm_endpoint: str = ""  # empty: the first endpoint's URL serves /tokenize
+    lmcache_endpoint: str = "http://127.0.0.1:9000"
+    default_model: str = ""
+    request_timeout: Duration = 2.0
+    lookup_routing_timeout: Duration = 0.05
+    hot_window: Duration = 300.0
+    hot_max_records: Positive = 300
+    token_cache: TokenCacheConfig = TokenCacheConfig()
+    cache_strategy: CacheStrategyConfig = CacheStrategyConfig()
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    endpoints: list[EndpointConfig]
+    load_balancing: Literal["least_inflight", "round_robin"] = "least_inflight"
+    # Beyond the seed: what a mitmproxy user needs to see and tune.
+    llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
+    tokenize_on_request_path: bool = True
+    route_header: bool = True
+    unhealthy_cooldown: Duration = 10.0
+    background: BackgroundConfig = BackgroundConfig()
+
+    @field_validator("lmcache_endpoint", "vllm_endpoint")
+    @classmethod
+    def _optional_http_url(cls, v: str) -> str:
+        if v and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[EndpointConfig]) -> list[EndpointConfig]:
+        if not v:
+            raise ValueError("at least one endpoint is required")
+        seen: set[str] = set()
+        for i, ep in enumerate(v):
+            if ep.id in seen:
+                raise ValueError(f"duplicate endpoint id {ep.id!r} (endpoints.{i}.id)")
+            seen.add(ep.id)
+        return v
+
+    @field_validator("llm_paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"path {p!r} must start with /")
+        return v
+
+    @model_validator(mode="after")
+    def _tokenizer(self) -> KVCacheConfig:
+        if not self.vllm_endpoint:
+            object.__setattr__(self, "vllm_endpoint", self.endpoints[0].url)
+        return self
+
+    def endpoint(self, endpoint_id: str) -> EndpointConfig | None:
+        for ep in self.endpoints:
+            if ep.id == endpoint_id:
+                return ep
+        return None
+
+
+class ConfigError(ValueError):
+    """One line that names the key and the value at fault."""
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    if e["type"] == "missing":
+        return f"missing key {key!r}"
+    value = repr(e.get("input"))
+    if len(value) > 60:
+        value = value[:57] + "..."
+    return f"{key} = {value}: {msg}"
+
+
+def load_config(data: Any) -> KVCacheConfig:
+    """Validate a parsed YAML document (the keys, or the keys under `kvcache:`)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping, not {type(data).__name__}")
+    if set(data) == {"kvcache"}:
+        data = data["kvcache"] or {}
+        if not isinstance(data, dict):
+            raise ConfigError("kvcache: must be a mapping")
+    try:
+        return KVCacheConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def load_config_file(path: str | Path) -> KVCacheConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return load_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

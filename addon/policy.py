@@ -1,0 +1,104 @@
+"""Which endpoint serves a request (pure: plain values in, plain values out).
+
+The request hook calls `choose` and the routing benchmark imports the very same function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Choice:
+    endpoint_id: str
+    reason: str  # "cache-hit", or the balancer's name when the cache gave no answer
+    matched_tokens: int = 0
+
+
+def best_holder(
+    matches: Mapping[str, int],
+    candidates: Sequence[str],
+    inflight: Mapping[str, int],
+) -> tuple[str, int] | None:
+    """The candidate holding the most matched tokens; ties go to the less loaded one.
+
+    Instance ids that are not candidates (unknown or unhealthy endpoints) are ignored, so the
+    target is always a configured endpoint whatever the controller says; zero is no match.
+    """
+    order = {eid: i for i, eid in enumerate(candidates)}
+    best: tuple[int, int, int, str] | None = None
+    for eid, matched in matches.items():
+        if eid not in order or matched <= 0:
+            continue
+        rank = (-matched, inflight.get(eid, 0), order[eid], eid)
+        if best is None or rank < best:
+            best = rank
+    return None if best is None else (best[3], -best[0])
+
+
+class LoadBalancer:
+    """Fallback when the cache gives no answer: least in-flight or round robin."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("least_inflight", "round_robin"):
+            raise ValueError(f"unknown load_balancing {kind!r}")
+        self.kind = kind
+        self._rr = itertools.count()
+
+    def pick(self, candidates: Sequence[str], inflight: Mapping[str, int]) -> str:
+        if not candidates:
+            raise ValueError("no candidate endpoints")
+        n = next(self._rr)
+        if self.kind == "round_robin":
+            return candidates[n % len(candidates)]
+        # Least in-flight; the rotating start spreads ties instead of piling onto the first.
+        start = n % len(candidates)
+        rotated = list(candidates[start:]) + list(candidates[:start])
+        return min(rotated, key=lambda e: inflight.get(e, 0))
+
+
+def choose(
+    matches: Mapping[str, int],
+    candidates: Sequence[str],
+    inflight: Mapping[str, int],
+    balancer: LoadBalancer,
+) -> Choice:
+    holder = best_holder(matches, candidates, inflight)
+    if holder is not None:
+        return Choice(holder[0], "cache-hit", holder[1])
+    return Choice(balancer.pick(candidates, inflight), balancer.kind)
+
+
+class EndpointState:
+    """In-flight requests per endpoint and passive health (an endpoint that refused a
+    connection sits out `cooldown` seconds). Touched only from the event loop."""
+
+    def __init__(
+        self, ids: Sequence[str], cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ids = list(ids)
+        self.inflight: dict[str, int] = {eid: 0 for eid in ids}
+        self.routed: dict[str, int] = {eid: 0 for eid in ids}
+        self._down_until: dict[str, float] = {}
+        self._cooldown = cooldown
+        self._clock = clock
+
+    def healthy(self) -> list[str]:
+        now = self._clock()
+        up = [e for e in self.ids if self._down_until.get(e, 0.0) <= now]
+        # With every endpoint marked down, trying one beats refusing the request.
+        return up or list(self.ids)
+
+    def mark_down(self, eid: str) -> None:
+        self._down_until[eid] = self._clock() + self._cooldown
+
+    def start(self, eid: str) -> None:
+        self.inflight[eid] = self.inflight.get(eid, 0) + 1
+        self.routed[eid] = self.routed.get(eid, 0) + 1
+
+    def finish(self, eid: str) -> None:
+        if self.inflight.get(eid, 0) > 0:
+            self.inflight[eid] -= 1

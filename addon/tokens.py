@@ -1,0 +1,96 @@
+"""What the proxy remembers about prompts: their tokens and how hot they are (pure state).
+
+Shared by the event loop (reads) and the background pool (writes), hence the locks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from cachetools import TTLCache
+
+
+class TokenCache:
+    """Prompt key -> token ids, bounded in size and age (LRU within a TTL)."""
+
+    def __init__(
+        self, max_size: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._cache: TTLCache[str, tuple[int, ...]] = TTLCache(max_size, ttl, timer=clock)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.prefix_hits = 0
+        self.misses = 0
+
+    def put(self, key: str, tokens: Iterable[int]) -> None:
+        with self._lock:
+            self._cache[key] = tuple(tokens)
+
+    def get(self, key: str) -> tuple[int, ...] | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def lookup(self, key: str, prefix_keys: Iterable[str] = ()) -> tuple[tuple[int, ...], str]:
+        """Tokens of the prompt, or of the longest earlier conversation it extends.
+
+        Returns (tokens, source) with source "exact", "prefix" or "" (nothing known).
+        """
+        with self._lock:
+            tokens = self._cache.get(key)
+            if tokens is not None:
+                self.hits += 1
+                return tokens, "exact"
+            for pk in prefix_keys:
+                tokens = self._cache.get(pk)
+                if tokens is not None:
+                    self.prefix_hits += 1
+                    return tokens, "prefix"
+            self.misses += 1
+            return (), ""
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+
+_MAX_TIMES = 10_000
+
+
+class Hotness:
+    """Accesses per prompt key within a sliding window, for at most `max_records` keys."""
+
+    def __init__(
+        self, window: float, max_records: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._window = window
+        self._clock = clock
+        # The TTL drops keys not seen for a whole window; maxsize bounds memory.
+        self._seen: TTLCache[str, deque[float]] = TTLCache(
+            max_records, max(window, 1e-9), timer=clock
+        )
+        self._lock = threading.Lock()
+
+    def record(self, key: str) -> int:
+        """Count one access and return the accesses within the window, this one included."""
+        now = self._clock()
+        with self._lock:
+            times = self._seen.get(key)
+            if times is None:
+                # Bounded: only counts up to the hot threshold matter.
+                times = deque(maxlen=_MAX_TIMES)
+            times.append(now)
+            while times and times[0] <= now - self._window:
+                times.popleft()
+            self._seen[key] = times  # re-set to refresh the key's TTL
+            return len(times)
+
+    def count(self, key: str) -> int:
+        now = self._clock()
+        with self._lock:
+            times = self._seen.get(key)
+            if not times:
+                return 0
+            return sum(1 for t in times if t > now - self._window)

@@ -1,0 +1,171 @@
+"""The mitmproxy layer: options, start-up errors, hooks and what a flow shows afterwards.
+
+Uses mitmproxy.test (taddons, tflow); the controller and tokenizer are httpx mock transports
+that answer with the real contracts' shapes.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from addon import kvcache
+from addon.lmcache import AsyncLMCache
+from addon.vllm import AsyncTokenizer
+
+CONFIG = """
+lmcache_endpoint: http://controller.test:9000
+lookup_routing_timeout: 500ms
+background: {workers: 1, queue_size: 4}
+endpoints:
+  - {id: vllm-instance-1, url: "http://127.0.0.1:8001"}
+  - {id: vllm-instance-2, url: "https://10.9.9.9:8443"}
+"""
+
+
+def write(tmp_path: Path, text: str = CONFIG) -> str:
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def chat_flow(n_words: int = 400, stream: bool = False) -> http.HTTPFlow:
+    body = json.dumps({"model": "m", "stream": stream, "messages": [
+        {"role": "user", "content": " ".join(["word"] * n_words)}]}).encode()
+    f = tflow.tflow()
+    f.request = tutils.treq(method=b"POST", path=b"/v1/chat/completions", content=body,
+                            headers=((b"content-type", b"application/json"),))
+    return f
+
+
+def install(addon: kvcache.KVCache, lookup: httpx.MockTransport,
+            tokenize: httpx.MockTransport) -> None:
+    assert addon.router is not None
+    addon.router.lmcache = AsyncLMCache("http://controller.test:9000", transport=lookup)
+    addon.router.tokenizer = AsyncTokenizer("http://engine.test", transport=tokenize)
+
+
+def tokens_ok(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"count": 600, "max_model_len": 2048,
+                                     "tokens": list(range(600)), "token_strs": None})
+
+
+def holder(inst: str, n: int) -> httpx.MockTransport:
+    return httpx.MockTransport(lambda r: httpx.Response(200, json={
+        "event_id": "Lookup1", "layout_info": {inst: ["LocalCPUBackend", n]}}))
+
+
+async def test_routes_to_holder_and_leaves_the_decision_visible(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        install(a, holder("vllm-instance-2", 512), httpx.MockTransport(tokens_ok))
+        f = chat_flow()
+        raw = f.request.raw_content
+        await a.request(f)
+        assert (f.request.scheme, f.request.host, f.request.port) == ("https", "10.9.9.9", 8443)
+        assert f.request.raw_content == raw  # byte for byte
+        assert f.marked and "vllm-instance-2" in f.comment and "512/600" in f.comment
+        meta = f.metadata["kvcache"]
+        assert meta["reason"] == "cache-hit" and meta["matched_tokens"] == 512
+        json.dumps(meta)  # plain values only
+        f.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),))
+        a.responseheaders(f)
+        assert f.response.stream is True
+        assert f.response.headers["x-kvcache-route"].startswith("vllm-instance-2; reason=cache-hit")
+        assert a.state is not None and a.state.inflight["vllm-instance-2"] == 1
+        a.response(f)
+        assert a.state.inflight["vllm-instance-2"] == 0
+        a.done()
+
+
+async def test_controller_errors_fail_open(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        for answer in (httpx.Response(500, json={"detail": "boom"}),
+                       httpx.Response(200, content=b"<html>garbage"),
+                       httpx.Response(200, json={"layout_info": {"vllm-instance-2": 5}})):
+            install(a, httpx.MockTransport(lambda r, ans=answer: ans),
+                    httpx.MockTransport(tokens_ok))
+            f = chat_flow()
+            await a.request(f)
+            assert f.request.host in ("127.0.0.1", "10.9.9.9")
+            assert f.metadata["kvcache"]["reason"] == "least_inflight"
+            assert f.metadata["kvcache"]["why"].startswith("lookup-")
+            assert not f.marked
+        a.done()
+
+
+async def test_non_llm_requests_are_balanced_untouched(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        f = tflow.tflow()
+        f.request = tutils.treq(method=b"GET", path=b"/v1/models")
+        before = f.request.raw_content
+        await a.request(f)
+        assert f.request.port in (8001, 8443) and f.request.raw_content == before
+        assert f.metadata["kvcache"]["why"] == "not-llm"
+        bad = chat_flow()
+        bad.request.raw_content = b'{"model": "m", "messages": [ broken'
+        await a.request(bad)
+        assert bad.request.raw_content == b'{"model": "m", "messages": [ broken'
+        assert bad.metadata["kvcache"]["why"] == "not-llm"
+        a.done()
+
+
+async def test_flows_with_response_or_not_live_are_skipped(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        f = chat_flow()
+        f.live = False
+        await a.request(f)
+        assert "kvcache" not in f.metadata
+        a.done()
+
+
+def test_bad_config_at_startup_is_one_error_line(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        with caplog.at_level(logging.ERROR):
+            tctx.configure(a, kvcache_config=write(tmp_path, CONFIG + "bogus: 1\n"))
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "unknown key 'bogus'" in errors[0].getMessage()
+        a.running()
+        assert a.router is None  # never starts half-configured
+
+
+def test_bad_config_after_startup_is_rejected(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(CONFIG.replace("500ms", "soon"))
+        with pytest.raises(exceptions.OptionsError, match="lookup_routing_timeout = 'soon'"):
+            tctx.configure(a, kvcache_config=str(bad))
+        assert a.router is not None  # the old config keeps running
+        a.done()
+
+
+def test_stats_command_reports_counters(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        stats = json.loads(tctx.command(a.stats))
+        assert stats["router"]["routed"] == 0 and "vllm-instance-1" in stats["inflight"]
+        a.done()

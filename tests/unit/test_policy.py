@@ -1,0 +1,48 @@
+from addon.policy import EndpointState, LoadBalancer, best_holder, choose
+
+IDS = ["e1", "e2", "e3"]
+
+
+def test_most_matched_wins_and_ties_go_to_less_loaded() -> None:
+    assert best_holder({"e1": 256, "e2": 768}, IDS, {}) == ("e2", 768)
+    assert best_holder({"e1": 512, "e2": 512}, IDS, {"e1": 3, "e2": 1}) == ("e2", 512)
+    assert best_holder({"e1": 512, "e2": 512}, IDS, {"e1": 0, "e2": 1}) == ("e1", 512)
+
+
+def test_unknown_unhealthy_and_zero_are_not_matches() -> None:
+    assert best_holder({"intruder": 9999, "e1": 0}, IDS, {}) is None
+    assert best_holder({"e3": 512}, ["e1", "e2"], {}) is None  # e3 is down
+
+
+def test_choose_falls_back_to_balancer() -> None:
+    lb = LoadBalancer("least_inflight")
+    c = choose({}, IDS, {"e1": 2, "e2": 0, "e3": 1}, lb)
+    assert (c.endpoint_id, c.reason) == ("e2", "least_inflight")
+    hit = choose({"e3": 256}, IDS, {}, lb)
+    assert (hit.endpoint_id, hit.reason, hit.matched_tokens) == ("e3", "cache-hit", 256)
+
+
+def test_round_robin_cycles() -> None:
+    lb = LoadBalancer("round_robin")
+    assert [lb.pick(IDS, {}) for _ in range(4)] == ["e1", "e2", "e3", "e1"]
+
+
+def test_least_inflight_spreads_ties() -> None:
+    lb = LoadBalancer("least_inflight")
+    assert {lb.pick(IDS, {}) for _ in range(3)} == set(IDS)
+
+
+def test_endpoint_state_health_and_inflight() -> None:
+    t = [0.0]
+    s = EndpointState(IDS, cooldown=10, clock=lambda: t[0])
+    s.start("e1")
+    s.start("e1")
+    s.finish("e1")
+    assert s.inflight["e1"] == 1 and s.routed["e1"] == 2
+    s.mark_down("e2")
+    assert s.healthy() == ["e1", "e3"]
+    t[0] = 11
+    assert s.healthy() == IDS
+    for e in IDS:
+        s.mark_down(e)
+    assert s.healthy() == IDS  # all down: try them rather than refuse

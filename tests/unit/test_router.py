@@ -1,0 +1,134 @@
+"""The routing step's decisions and every fail-open path, with fake I/O."""
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from addon.lmcache import LookupResult
+from addon.policy import EndpointState, LoadBalancer
+from addon.request import LLMRequest, prompt_key
+from addon.resilience import CircuitBreaker, RateLimitedLog, StatusError, UnparsableResponse
+from addon.router import Router
+from addon.tokens import TokenCache
+
+IDS = ["e1", "e2"]
+LONG = tuple(range(600))
+
+
+class FakeLookup:
+    def __init__(self, answer: Any = None, delay: float = 0.0) -> None:
+        self.answer = answer if answer is not None else LookupResult()
+        self.delay = delay
+        self.calls: list[tuple[int, ...]] = []
+
+    async def lookup(self, tokens: Any, timeout: float) -> LookupResult:
+        self.calls.append(tuple(tokens))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class FakeTokenizer:
+    def __init__(self, tokens: Any = LONG, delay: float = 0.0) -> None:
+        self.tokens = tokens
+        self.delay = delay
+        self.calls = 0
+
+    async def tokenize(self, body: dict[str, Any], timeout: float) -> list[int]:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(self.tokens, BaseException):
+            raise self.tokens
+        return list(self.tokens)
+
+
+def make(lookup: FakeLookup, tokenizer: FakeTokenizer | None = None, budget: float = 0.2,
+         cache: TokenCache | None = None, breaker: CircuitBreaker | None = None) -> Router:
+    return Router(
+        budget=budget, state=EndpointState(IDS, 10), balancer=LoadBalancer("round_robin"),
+        token_cache=cache if cache is not None else TokenCache(100, 60), lmcache=lookup,
+        tokenizer=tokenizer, controller_breaker=breaker or CircuitBreaker(3, 10, 1),
+        tokenizer_breaker=CircuitBreaker(3, 10, 1), failure_log=RateLimitedLog(),
+    )
+
+
+def req(key: str = "k", prefix: tuple[str, ...] = ()) -> LLMRequest:
+    return LLMRequest("/v1/completions", "m", "p", key, "completion", prefix,
+                      tokenize_body={"model": "m", "prompt": "p"})
+
+
+async def test_routes_to_the_longest_holder() -> None:
+    lk = FakeLookup(LookupResult({"e1": 256, "e2": 512}))
+    d = await make(lk, FakeTokenizer()).route(req())
+    assert (d.endpoint_id, d.reason, d.matched_tokens, d.prompt_tokens) == (
+        "e2", "cache-hit", 512, 600)
+    assert d.token_source == "tokenized" and lk.calls == [LONG]
+
+
+async def test_next_turn_uses_earlier_conversation_tokens_without_tokenizing() -> None:
+    cache = TokenCache(10, 60)
+    cache.put(prompt_key("m", "turn1"), LONG)
+    lk = FakeLookup(LookupResult({"e1": 512}))
+    tok = FakeTokenizer()
+    d = await make(lk, tok, cache=cache).route(req("turn2", (prompt_key("m", "turn1"),)))
+    assert d.endpoint_id == "e1" and d.token_source == "prefix" and tok.calls == 0
+
+
+async def test_unknown_instance_is_ignored_and_counted() -> None:
+    r = make(FakeLookup(LookupResult({"stranger": 512})), FakeTokenizer())
+    d = await r.route(req())
+    assert d.reason == "round_robin" and d.why == "unknown-instance"
+    assert d.endpoint_id in IDS and r.stats.unknown_instances == 1
+
+
+async def test_short_prompt_skips_the_lookup() -> None:
+    lk = FakeLookup(LookupResult({"e1": 512}))
+    d = await make(lk, FakeTokenizer(range(100))).route(req())
+    assert d.why == "short-prompt" and lk.calls == []
+
+
+@pytest.mark.parametrize(("error", "why"), [
+    (StatusError(500, "boom"), "lookup-http-500"),
+    (UnparsableResponse("garbage"), "lookup-bad-answer"),
+    (ConnectionRefusedError(), "lookup-unreachable"),
+])
+async def test_lookup_failures_fail_open(error: BaseException, why: str) -> None:
+    d = await make(FakeLookup(error), FakeTokenizer()).route(req())
+    assert d.endpoint_id in IDS and d.reason == "round_robin" and d.why == why
+
+
+async def test_slow_controller_is_cut_at_the_budget() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    d = await make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(),
+                   budget=0.05).route(req())
+    assert loop.time() - t0 < 0.5
+    assert d.reason == "round_robin" and d.why == "budget-exceeded"
+
+
+async def test_tokenizer_down_fails_open() -> None:
+    d = await make(FakeLookup(), FakeTokenizer(ConnectionError())).route(req())
+    assert d.why == "tokenize-unreachable" and d.endpoint_id in IDS
+
+
+async def test_open_breaker_skips_the_lookup() -> None:
+    breaker = CircuitBreaker(2, 60, 1)
+    lk = FakeLookup(StatusError(503))
+    r = make(lk, FakeTokenizer(), breaker=breaker)
+    for _ in range(2):
+        await r.route(req())
+    assert breaker.is_open()
+    d = await r.route(req())
+    assert d.why == "controller-breaker-open" and len(lk.calls) == 2
+
+
+async def test_token_ids_in_request_need_no_tokenizer() -> None:
+    lk = FakeLookup(LookupResult({"e2": 256}))
+    r = make(lk, None)
+    request = LLMRequest("/v1/completions", "m", "p", "k", "completion", (), LONG)
+    d = await r.route(request)
+    assert d.endpoint_id == "e2" and d.token_source == "request"
