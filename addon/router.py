@@ -16,7 +16,13 @@ from typing import Any, Protocol
 from addon.lmcache import LookupResult
 from addon.policy import Choice, EndpointState, LoadBalancer, choose
 from addon.request import LLMRequest
-from addon.resilience import CircuitBreaker, RateLimitedLog, StatusError, UnparsableResponse
+from addon.resilience import (
+    CircuitBreaker,
+    RateLimitedLog,
+    StatusError,
+    UnparsableResponse,
+    is_retryable,
+)
 from addon.tokens import TokenCache
 
 logger = logging.getLogger(__name__)
@@ -59,6 +65,12 @@ class RouterStats:
     unknown_instances: int = 0
     tokenized_on_path: int = 0
     breaker_skips: int = 0
+
+
+def service_unhealthy(e: BaseException) -> bool:
+    """Whether a failure says the service is down (counts against its breaker): the same
+    errors that are worth a retry. A 4xx or an unparsable body means it answered."""
+    return is_retryable(e.status if isinstance(e, StatusError) else None, e)
 
 
 def describe_error(e: BaseException) -> str:
@@ -142,8 +154,10 @@ class Router:
                 req.tokenize_body, max(deadline - self.clock(), 0.001))
         except Exception as e:
             why = describe_error(e)
-            if not isinstance(e, StatusError) or e.status >= 500:
+            if service_unhealthy(e):
                 self.tokenizer_breaker.record_failure()
+            else:
+                self.tokenizer_breaker.record_success()
             self._log_failure("tokenize on the request path", why)
             return (), "", f"tokenize-{why}"
         self.tokenizer_breaker.record_success()
@@ -171,8 +185,10 @@ class Router:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
             self.stats.lookup_failures += 1
-            if not isinstance(e, StatusError) or e.status >= 500 or e.status == 429:
+            if service_unhealthy(e):
                 self.controller_breaker.record_failure()
+            else:
+                self.controller_breaker.record_success()
             self._log_failure("LMCache lookup", why)
             return self._with(self.balance(f"lookup-{why}"), n, source, ms)
         ms = (self.clock() - t0) * 1000

@@ -1,0 +1,81 @@
+"""Run a real `mitmdump` process with the addon, as a user does (for integration tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ADDON = ROOT / "addon" / "kvcache.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+_LISTEN = re.compile(r"listening at (?:http://)?([\d.]+):(\d+)")
+
+
+@dataclass
+class Proxy:
+    url: str
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+def write_config(path: Path, engines: dict[str, str], controller: str, **extra: object) -> Path:
+    cfg: dict[str, object] = {
+        "lmcache_endpoint": controller,
+        "endpoints": [{"id": k, "url": v} for k, v in engines.items()],
+    }
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@contextmanager
+def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20) -> Iterator[Proxy]:
+    """Start mitmdump in reverse mode on a free port; yield its URL; stop it on exit."""
+    first = yaml.safe_load(config.read_text())["endpoints"][0]["url"]
+    cmd = [str(MITMDUMP), "--set", f"confdir={tmp / 'mitmconf'}", "-s", str(ADDON),
+           "--mode", f"reverse:{first}@127.0.0.1:0", "--set", "connection_strategy=lazy",
+           "--set", f"kvcache_config={config}", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp, env=env)
+    proxy = Proxy("", proc)
+    found = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            proxy.lines.append(line.rstrip("\n"))
+            m = _LISTEN.search(line)
+            if m and not proxy.url:
+                proxy.url = f"http://{m.group(1)}:{m.group(2)}"
+                found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    end = time.monotonic() + timeout
+    while not found.is_set():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError("mitmdump did not start:\n" + proxy.log())
+        found.wait(0.05)
+    try:
+        yield proxy
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
