@@ -91,6 +91,9 @@ class CacheStrategyConfig(_Section):
     eviction_clear_fallback: bool = False
     clear_cooldown: Duration = 300.0
     load_source: Literal["cpu", "engine"] = "engine"
+    # Load from an engine's /metrics is (running + waiting) / this; vLLM's max_num_seqs
+    # defaults to 256.
+    engine_max_requests: Positive = 256
 
 
 class RetryConfig(_Section):

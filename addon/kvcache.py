@@ -27,12 +27,13 @@ from mitmproxy import command, ctx, exceptions, http  # noqa: E402
 
 from addon.background import BackgroundPool, Job  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
-from addon.lmcache import AsyncLMCache  # noqa: E402
-from addon.manager import CacheManager  # noqa: E402
+from addon.lmcache import AsyncLMCache, LMCache  # noqa: E402
+from addon.manager import CacheManager, ManagerSettings  # noqa: E402
 from addon.policy import EndpointState, LoadBalancer  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
-from addon.resilience import CircuitBreaker, RateLimitedLog  # noqa: E402
+from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy  # noqa: E402
 from addon.router import Decision, Router  # noqa: E402
+from addon.strategy import StrategyParams, validate_compress_method  # noqa: E402
 from addon.tokens import Hotness, TokenCache  # noqa: E402
 from addon.vllm import AsyncTokenizer, Engine  # noqa: E402
 
@@ -111,16 +112,33 @@ class KVCache:
         lmcache = AsyncLMCache(cfg.lmcache_endpoint)
         tokenizer = AsyncTokenizer(cfg.vllm_endpoint) if cfg.tokenize_on_request_path else None
         engine = Engine()
-        self._closers = [lmcache, engine] + ([tokenizer] if tokenizer else [])
+        lmcache_bg = LMCache(cfg.lmcache_endpoint)
+        self._closers = [lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else [])
         self.router = Router(
             budget=cfg.lookup_routing_timeout, state=self.state,
             balancer=LoadBalancer(cfg.load_balancing), token_cache=self.token_cache,
             lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
             tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
         )
+        cs = cfg.cache_strategy
+        strategy = StrategyParams(**{
+            k: getattr(cs, k) for k in StrategyParams.__dataclass_fields__})
+        if warning := validate_compress_method(cs.compress_method):
+            logger.warning(f"[kvcache] {warning}")
         self.manager = CacheManager(
-            tokenizer_url=cfg.vllm_endpoint, engine=engine, token_cache=self.token_cache,
-            tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
+            settings=ManagerSettings(
+                strategy=strategy,
+                retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.base_backoff,
+                                  cfg.retry.max_backoff),
+                hot_window=cfg.hot_window, load_source=cs.load_source,
+                engine_max_requests=cs.engine_max_requests,
+                request_timeout=cfg.request_timeout,
+            ),
+            tokenizer_url=cfg.vllm_endpoint,
+            endpoint_urls={ep.id: ep.url for ep in cfg.endpoints},
+            engine=engine, lmcache=lmcache_bg, token_cache=self.token_cache,
+            tokenizer_breaker=tokenizer_breaker, controller_breaker=controller_breaker,
+            failure_log=failure_log,
         )
         self.pool = BackgroundPool(cfg.background.workers, cfg.background.queue_size)
         logger.info(
@@ -160,19 +178,19 @@ class KVCache:
             r.method, r.path, r.headers.get("content-type", ""),
             r.get_content(strict=False), cfg.llm_paths, cfg.default_model,
         )
+        hot = 0
         if req is None:
             decision = router.balance("not-llm")
         elif not cfg.enabled:
             decision = router.balance("disabled")
         else:
-            if self.hotness is not None:
-                self.hotness.record(req.key)
+            hot = self.hotness.record(req.key) if self.hotness is not None else 0
             decision = await router.route(req)
         if flow.response or flow.error:  # killed while we awaited
             return
         self._apply(flow, decision, (time.perf_counter() - t0) * 1000)
         if req is not None and cfg.enabled:
-            self._schedule(flow, req)
+            self._schedule(flow, req, hot)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
@@ -221,11 +239,11 @@ class KVCache:
             flow.marked = ":dart:"
         logger.debug(f"[kvcache] {flow.request.path} -> {ep.id} {d.reason} {d.why}")
 
-    def _schedule(self, flow: http.HTTPFlow, req: LLMRequest) -> None:
+    def _schedule(self, flow: http.HTTPFlow, req: LLMRequest, hot: int) -> None:
         pool, manager, cfg = self.pool, self.manager, self.cfg
         if pool is None or manager is None or cfg is None:
             return
-        job = pool.submit(req.key, lambda j: manager.run(req, j), cfg.request_timeout)
+        job = pool.submit(req.key, lambda j: manager.run(req, j, hot), cfg.request_timeout)
         if job is not None:
             self._jobs[flow.id] = job
             job_done = job.future
@@ -258,7 +276,11 @@ class KVCache:
         if self.pool is not None:
             out["background"] = asdict(self.pool.stats)
         if self.manager is not None:
-            out["manager"] = asdict(self.manager.stats)
+            out["manager"] = self.manager.stats_dict()
+            out["breakers"] = {
+                "controller": self.manager.controller_breaker.stats(),
+                "tokenizer": self.manager.tokenizer_breaker.stats(),
+            }
         if self.token_cache is not None:
             out["token_cache"] = {
                 "size": len(self.token_cache), "hits": self.token_cache.hits,

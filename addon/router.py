@@ -126,18 +126,29 @@ class Router:
     async def route(self, req: LLMRequest) -> Decision:
         self.stats.routed += 1
         deadline = self.clock() + self.budget
+        phase: list[str] = []  # what was in flight if the budget runs out
         try:
             async with asyncio.timeout(self.budget):
-                return await self._route(req, deadline)
+                return await self._route(req, deadline, phase)
         except TimeoutError:
-            self._log_failure("routing", "budget-exceeded")
-            return self.balance("budget-exceeded")
+            # A controller (or tokenizer) that cannot answer within the budget is no use to
+            # the request path: count it, so a hanging one opens its breaker.
+            if phase and phase[-1] == "lookup":
+                self.stats.lookup_failures += 1
+                self.controller_breaker.record_failure()
+            elif phase and phase[-1] == "tokenize":
+                self.tokenizer_breaker.record_failure()
+            why = f"{phase[-1]}-timeout" if phase else "budget-exceeded"
+            self._log_failure("routing", why)
+            return self.balance(why)
         except Exception as e:  # fail open, whatever broke
             logger.debug("[kvcache] routing error", exc_info=True)
             self._log_failure("routing", describe_error(e))
             return self.balance(f"error-{describe_error(e)}")
 
-    async def _tokens(self, req: LLMRequest, deadline: float) -> tuple[tuple[int, ...], str, str]:
+    async def _tokens(
+        self, req: LLMRequest, deadline: float, phase: list[str]
+    ) -> tuple[tuple[int, ...], str, str]:
         """(tokens, source, why-not)."""
         if req.token_ids is not None:
             return req.token_ids, "request", ""
@@ -149,6 +160,7 @@ class Router:
             return (), "", "no-tokens"
         if not self.tokenizer_breaker.allow():
             return (), "", "tokenizer-breaker-open"
+        phase.append("tokenize")
         try:
             tokens_list = await self.tokenizer.tokenize(
                 req.tokenize_body, max(deadline - self.clock(), 0.001))
@@ -167,8 +179,8 @@ class Router:
             self.token_cache.put(req.key, tokens)
         return tokens, "tokenized", ""
 
-    async def _route(self, req: LLMRequest, deadline: float) -> Decision:
-        tokens, source, why = await self._tokens(req, deadline)
+    async def _route(self, req: LLMRequest, deadline: float, phase: list[str]) -> Decision:
+        tokens, source, why = await self._tokens(req, deadline, phase)
         if not tokens:
             return self.balance(why or "no-tokens")
         n = len(tokens)
@@ -178,6 +190,7 @@ class Router:
             self.stats.breaker_skips += 1
             return self._with(self.balance("controller-breaker-open"), n, source)
         self.stats.lookups += 1
+        phase.append("lookup")
         t0 = self.clock()
         try:
             result = await self.lmcache.lookup(tokens, max(deadline - self.clock(), 0.001))
