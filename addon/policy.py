@@ -60,12 +60,24 @@ class LoadBalancer:
         return min(rotated, key=lambda e: inflight.get(e, 0))
 
 
+@dataclass(frozen=True)
+class PolicyParams:
+    """Knobs of the routing policy (each has a config key; see README)."""
+
+
 def choose(
     matches: Mapping[str, int],
     candidates: Sequence[str],
     inflight: Mapping[str, int],
     balancer: LoadBalancer,
+    prompt_tokens: int = 0,
+    params: PolicyParams | None = None,
 ) -> Choice:
+    """The endpoint for one request.
+
+    `matches`: instance id -> tokens of the prompt's prefix it holds (LMCache lookup);
+    `inflight`: the proxy's own count of unfinished requests per endpoint.
+    """
     holder = best_holder(matches, candidates, inflight)
     if holder is not None:
         return Choice(holder[0], "cache-hit", holder[1])

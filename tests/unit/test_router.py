@@ -107,7 +107,7 @@ async def test_slow_controller_is_cut_at_the_budget() -> None:
     d = await make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(),
                    budget=0.05).route(req())
     assert loop.time() - t0 < 0.5
-    assert d.reason == "round_robin" and d.why == "budget-exceeded"
+    assert d.reason == "round_robin" and d.why == "lookup-timeout"
 
 
 async def test_tokenizer_down_fails_open() -> None:
