@@ -161,6 +161,9 @@ class KVCacheConfig(_Section):
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     endpoints: list[EndpointConfig]
     load_balancing: Literal["least_inflight", "round_robin"] = "least_inflight"
+    # The routing policy (see addon/policy.py and the routing benchmark in docs/).
+    routing_policy: Literal["cost", "longest_match"] = "cost"
+    routing_load_weight: Count = 256
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
     tokenize_on_request_path: bool = True

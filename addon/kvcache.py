@@ -29,7 +29,7 @@ from addon.background import BackgroundPool, Job  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
 from addon.lmcache import AsyncLMCache, LMCache  # noqa: E402
 from addon.manager import CacheManager, ManagerSettings  # noqa: E402
-from addon.policy import EndpointState, LoadBalancer  # noqa: E402
+from addon.policy import EndpointState, LoadBalancer, PolicyParams  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
 from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy  # noqa: E402
 from addon.router import Decision, Router  # noqa: E402
@@ -119,6 +119,7 @@ class KVCache:
             balancer=LoadBalancer(cfg.load_balancing), token_cache=self.token_cache,
             lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
             tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
+            policy=PolicyParams(cfg.routing_policy, cfg.routing_load_weight),
         )
         cs = cfg.cache_strategy
         strategy = StrategyParams(**{

@@ -64,6 +64,13 @@ class LoadBalancer:
 class PolicyParams:
     """Knobs of the routing policy (each has a config key; see README)."""
 
+    # "cost": least (uncached prompt tokens + load_weight_tokens * in-flight requests);
+    # "longest_match": the most matched tokens whatever the load (the seed's rule).
+    kind: str = "cost"
+    # How many prompt tokens of prefill one request in flight on an endpoint is worth: the
+    # exchange rate between cache affinity and queueing. Chosen with the routing benchmark.
+    load_weight_tokens: int = 256
+
 
 def choose(
     matches: Mapping[str, int],
@@ -78,10 +85,29 @@ def choose(
     `matches`: instance id -> tokens of the prompt's prefix it holds (LMCache lookup);
     `inflight`: the proxy's own count of unfinished requests per endpoint.
     """
+    p = params or PolicyParams()
     holder = best_holder(matches, candidates, inflight)
-    if holder is not None:
+    if holder is None:
+        return Choice(balancer.pick(candidates, inflight), balancer.kind)
+    if p.kind == "longest_match":
         return Choice(holder[0], "cache-hit", holder[1])
-    return Choice(balancer.pick(candidates, inflight), balancer.kind)
+    # Estimated work before this request's first token on each endpoint, in prompt tokens:
+    # what it must prefill there, plus what the requests already there cost it. A holder
+    # that is far busier than the rest loses its request, which spreads a hot prefix instead
+    # of piling every request onto its first holder.
+    prompt = max(prompt_tokens, holder[1])
+    best: tuple[int, int, int, int] | None = None
+    for i, eid in enumerate(candidates):
+        matched = min(max(matches.get(eid, 0), 0), prompt)
+        load = inflight.get(eid, 0)
+        rank = (prompt - matched + p.load_weight_tokens * load, -matched, load, i)
+        if best is None or rank < best:
+            best = rank
+    assert best is not None
+    winner, matched = candidates[best[3]], -best[1]
+    if matched > 0:
+        return Choice(winner, "cache-hit", matched)
+    return Choice(winner, "cache-spill")
 
 
 class EndpointState:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from addon.lmcache import LookupResult
-from addon.policy import Choice, EndpointState, LoadBalancer, choose
+from addon.policy import Choice, EndpointState, LoadBalancer, PolicyParams, choose
 from addon.request import LLMRequest
 from addon.resilience import (
     CircuitBreaker,
@@ -65,6 +65,7 @@ class RouterStats:
     unknown_instances: int = 0
     tokenized_on_path: int = 0
     breaker_skips: int = 0
+    spills: int = 0
 
 
 def service_unhealthy(e: BaseException) -> bool:
@@ -98,8 +99,10 @@ class Router:
         controller_breaker: CircuitBreaker,
         tokenizer_breaker: CircuitBreaker,
         failure_log: RateLimitedLog,
+        policy: PolicyParams | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.policy = policy or PolicyParams()
         self.budget = budget
         self.state = state
         self.balancer = balancer
@@ -214,11 +217,16 @@ class Router:
                 "matching LMCache instance ids to endpoint ids",
                 "instance-not-an-endpoint",
             )
-        choice: Choice = choose(result.matches, candidates, self.state.inflight, self.balancer)
+        choice: Choice = choose(result.matches, candidates, self.state.inflight, self.balancer,
+                                prompt_tokens=n, params=self.policy)
         if choice.reason == "cache-hit":
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
                             source, ms, unknown)
+        if choice.reason == "cache-spill":
+            self.stats.spills += 1
+            return Decision(choice.endpoint_id, "cache-spill", "holder-busy", 0, n, source, ms,
+                            unknown)
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown)
 

@@ -46,3 +46,29 @@ def test_endpoint_state_health_and_inflight() -> None:
     for e in IDS:
         s.mark_down(e)
     assert s.healthy() == IDS  # all down: try them rather than refuse
+
+
+def test_cost_policy_keeps_affinity_until_the_holder_is_much_busier() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    p = PolicyParams("cost", load_weight_tokens=256)
+    # 3000-token history held by e1: it stays there despite a few requests in flight.
+    c = choose({"e1": 2816, "e2": 512}, IDS, {"e1": 4, "e2": 0, "e3": 0}, lb, 3100, p)
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+    # A shared 512-token system prompt is not worth queueing behind 3 more requests.
+    c = choose({"e1": 512}, IDS, {"e1": 3, "e2": 0, "e3": 1}, lb, 800, p)
+    assert (c.endpoint_id, c.reason) == ("e2", "cache-spill")
+    # The seed's rule ignores load entirely.
+    c = choose({"e1": 512}, IDS, {"e1": 3, "e2": 0, "e3": 1}, lb, 800,
+               PolicyParams("longest_match"))
+    assert c.endpoint_id == "e1"
+
+
+def test_cost_policy_prefers_a_second_holder_when_the_first_is_busy() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    c = choose({"e1": 1024, "e2": 768}, IDS, {"e1": 5, "e2": 0, "e3": 0}, lb, 1100,
+               PolicyParams("cost", 256))
+    assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e2", "cache-hit", 768)
