@@ -58,6 +58,9 @@ class KVCache:
         self._flow_endpoint: dict[str, str] = {}  # flow id -> endpoint counted in flight
 
     def load(self, loader: Any) -> None:
+        # mitmproxy's root logger is at DEBUG: keep the HTTP clients' per-request lines out.
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         loader.add_option(
             "kvcache_config", str, "config.yaml",
             "Path of the kvcache addon's YAML config (endpoints, LMCache controller, ...).",
@@ -296,6 +299,9 @@ def _route_header(meta: dict[str, Any]) -> str:
         parts.append(f"why={meta['why']}")
     if meta.get("prompt_tokens"):
         parts.append(f"matched={meta.get('matched_tokens', 0)}/{meta['prompt_tokens']}")
+    if meta.get("token_source"):
+        parts.append(f"tokens={meta['token_source']}")
+    parts.append(f"route_ms={meta.get('route_ms', 0)}")
     return "; ".join(parts)
 
 

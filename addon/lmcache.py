@@ -74,7 +74,9 @@ class AsyncLMCache:
     """The request path's client: one lookup with the routing budget as its timeout."""
 
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
+        # Enough connections that a burst waits on the controller, not on our pool.
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, limits=limits)
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
         resp = await self._client.post("/lookup", json={"tokens": list(tokens)}, timeout=timeout)
