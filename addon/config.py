@@ -169,6 +169,9 @@ class KVCacheConfig(_Section):
     tokenize_on_request_path: bool = True
     route_header: bool = True
     unhealthy_cooldown: Duration = 10.0
+    # After failure_threshold lookups (or on-path tokenizations) in a row time out at the
+    # routing budget, the request path skips them this long.
+    slow_backoff: Duration = 1.0
     background: BackgroundConfig = BackgroundConfig()
 
     @field_validator("lmcache_endpoint", "vllm_endpoint")

@@ -123,6 +123,7 @@ class KVCache:
             lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
             tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
             policy=PolicyParams(cfg.routing_policy, cfg.routing_load_weight),
+            slow_backoff=cfg.slow_backoff,
         )
         cs = cfg.cache_strategy
         strategy = StrategyParams(**{

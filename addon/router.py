@@ -57,6 +57,12 @@ class Decision:
 
 
 @dataclass
+class _Phase:
+    name: str = ""  # "tokenize" or "lookup" while one is awaited
+    lookup_given: float = 0.0  # seconds of budget the lookup started with
+
+
+@dataclass
 class RouterStats:
     routed: int = 0
     cache_hits: int = 0
@@ -65,6 +71,7 @@ class RouterStats:
     unknown_instances: int = 0
     tokenized_on_path: int = 0
     breaker_skips: int = 0
+    slow_skips: int = 0
     spills: int = 0
 
 
@@ -100,9 +107,18 @@ class Router:
         tokenizer_breaker: CircuitBreaker,
         failure_log: RateLimitedLog,
         policy: PolicyParams | None = None,
+        slow_backoff: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy or PolicyParams()
+        # Timeouts at the request path's tight budget say "slow right now", not "down": they
+        # do not open the services' breakers (which would stop routing for recovery_timeout,
+        # and stop background tokenization too). They pause the request path's own calls for
+        # `slow_backoff` after `failure_threshold` in a row, so a hanging controller costs one
+        # probe per backoff, not the budget on every request.
+        threshold = controller_breaker.failure_threshold
+        self.slow_lookup = CircuitBreaker(threshold, slow_backoff, 1, clock, "lookup-slow")
+        self.slow_tokenize = CircuitBreaker(threshold, slow_backoff, 1, clock, "tokenize-slow")
         self.budget = budget
         self.state = state
         self.balancer = balancer
@@ -129,19 +145,19 @@ class Router:
     async def route(self, req: LLMRequest) -> Decision:
         self.stats.routed += 1
         deadline = self.clock() + self.budget
-        phase: list[str] = []  # what was in flight if the budget runs out
+        phase = _Phase()  # what was in flight if the budget runs out
         try:
             async with asyncio.timeout(self.budget):
                 return await self._route(req, deadline, phase)
         except TimeoutError:
             # A controller (or tokenizer) that cannot answer within the budget is no use to
             # the request path: count it, so a hanging one opens its breaker.
-            if phase and phase[-1] == "lookup":
+            if phase.name == "lookup":
                 self.stats.lookup_failures += 1
-                self.controller_breaker.record_failure()
-            elif phase and phase[-1] == "tokenize":
-                self.tokenizer_breaker.record_failure()
-            why = f"{phase[-1]}-timeout" if phase else "budget-exceeded"
+                self._lookup_timed_out(phase.lookup_given)
+            elif phase.name == "tokenize":
+                self.slow_tokenize.record_failure()
+            why = f"{phase.name}-timeout" if phase.name else "budget-exceeded"
             self._log_failure("routing", why)
             return self.balance(why)
         except Exception as e:  # fail open, whatever broke
@@ -150,7 +166,7 @@ class Router:
             return self.balance(f"error-{describe_error(e)}")
 
     async def _tokens(
-        self, req: LLMRequest, deadline: float, phase: list[str]
+        self, req: LLMRequest, deadline: float, phase: _Phase
     ) -> tuple[tuple[int, ...], str, str]:
         """(tokens, source, why-not)."""
         if req.token_ids is not None:
@@ -163,26 +179,31 @@ class Router:
             return (), "", "no-tokens"
         if not self.tokenizer_breaker.allow():
             return (), "", "tokenizer-breaker-open"
-        phase.append("tokenize")
+        if not self.slow_tokenize.allow():
+            return (), "", "tokenizer-slow"
+        phase.name = "tokenize"
         try:
             tokens_list = await self.tokenizer.tokenize(
                 req.tokenize_body, max(deadline - self.clock(), 0.001))
         except Exception as e:
             why = describe_error(e)
-            if service_unhealthy(e):
+            if why == "timeout":
+                self.slow_tokenize.record_failure()
+            elif service_unhealthy(e):
                 self.tokenizer_breaker.record_failure()
             else:
                 self.tokenizer_breaker.record_success()
             self._log_failure("tokenize on the request path", why)
             return (), "", f"tokenize-{why}"
         self.tokenizer_breaker.record_success()
+        self.slow_tokenize.record_success()
         self.stats.tokenized_on_path += 1
         tokens = tuple(tokens_list)
         if self.token_cache is not None:
             self.token_cache.put(req.key, tokens)
         return tokens, "tokenized", ""
 
-    async def _route(self, req: LLMRequest, deadline: float, phase: list[str]) -> Decision:
+    async def _route(self, req: LLMRequest, deadline: float, phase: _Phase) -> Decision:
         tokens, source, why = await self._tokens(req, deadline, phase)
         if not tokens:
             return self.balance(why or "no-tokens")
@@ -192,16 +213,21 @@ class Router:
         if self.controller_breaker.is_open() or not self.controller_breaker.allow():
             self.stats.breaker_skips += 1
             return self._with(self.balance("controller-breaker-open"), n, source)
+        if not self.slow_lookup.allow():
+            self.stats.slow_skips += 1
+            return self._with(self.balance("controller-slow"), n, source)
         self.stats.lookups += 1
-        phase.append("lookup")
         t0 = self.clock()
+        phase.name, phase.lookup_given = "lookup", deadline - t0
         try:
-            result = await self.lmcache.lookup(tokens, max(deadline - self.clock(), 0.001))
+            result = await self.lmcache.lookup(tokens, max(phase.lookup_given, 0.001))
         except Exception as e:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
             self.stats.lookup_failures += 1
-            if service_unhealthy(e):
+            if why == "timeout":
+                self._lookup_timed_out(phase.lookup_given)
+            elif service_unhealthy(e):
                 self.controller_breaker.record_failure()
             else:
                 self.controller_breaker.record_success()
@@ -209,6 +235,7 @@ class Router:
             return self._with(self.balance(f"lookup-{why}"), n, source, ms)
         ms = (self.clock() - t0) * 1000
         self.controller_breaker.record_success()
+        self.slow_lookup.record_success()
         candidates = self.state.healthy()
         unknown = sum(1 for i in result.matches if i not in self.state.inflight)
         if unknown:
@@ -229,6 +256,12 @@ class Router:
                             unknown)
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown)
+
+    def _lookup_timed_out(self, given: float) -> None:
+        # Only a lookup that had a fair share of the budget and still timed out says the
+        # controller is slow; one left with scraps after a slow tokenize says nothing.
+        if given >= self.budget / 2:
+            self.slow_lookup.record_failure()
 
     @staticmethod
     def _with(d: Decision, n: int, source: str, ms: float | None = None) -> Decision:

@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sim.cluster import Cluster, serve_app, start_controller
+from sim.proxy import mitmdump, write_config
 from tests.integration.helpers import SYSTEM, chat_body, route
-from tests.integration.mitm import mitmdump, write_config
 
 
 def wait_for_holder(cluster: Cluster, body: dict, timeout: float = 5.0) -> str:

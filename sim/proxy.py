@@ -1,4 +1,5 @@
-"""Run a real `mitmdump` process with the addon, as a user does (for integration tests)."""
+"""Run a real `mitmdump` process with the addon in front of a cluster, as a user does (used by
+the integration tests and the demo)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "addon" / "kvcache.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 _LISTEN = re.compile(r"listening at (?:http://)?([\d.]+):(\d+)")
@@ -41,13 +42,19 @@ def write_config(path: Path, engines: dict[str, str], controller: str, **extra: 
     return path
 
 
+def command(config: Path, confdir: Path, listen: str = "127.0.0.1:0",
+            program: str = "mitmdump") -> list[str]:
+    """The command line a user runs: the addon, reverse mode, lazy upstream connections."""
+    first = yaml.safe_load(config.read_text())["endpoints"][0]["url"]
+    return [str(MITMDUMP.with_name(program)), "--set", f"confdir={confdir}", "-s", str(ADDON),
+            "--mode", f"reverse:{first}@{listen}", "--set", "connection_strategy=lazy",
+            "--set", f"kvcache_config={config}"]
+
+
 @contextmanager
 def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20) -> Iterator[Proxy]:
     """Start mitmdump in reverse mode on a free port; yield its URL; stop it on exit."""
-    first = yaml.safe_load(config.read_text())["endpoints"][0]["url"]
-    cmd = [str(MITMDUMP), "--set", f"confdir={tmp / 'mitmconf'}", "-s", str(ADDON),
-           "--mode", f"reverse:{first}@127.0.0.1:0", "--set", "connection_strategy=lazy",
-           "--set", f"kvcache_config={config}", *args]
+    cmd = [*command(config, tmp / "mitmconf"), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp, env=env)

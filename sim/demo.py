@@ -1,0 +1,315 @@
+"""The main job: a simulated cluster with the addon in front, routing off vs on, side by side.
+
+    ./scripts/demo [--engines 4] [--users 32] [--rounds 6] [--time-scale 1] [--keep-running]
+
+Starts, on loopback, N engine simulators (vLLM stand-ins), the LMCache-controller
+simulator and a real `mitmdump` with the addon and a generated config whose endpoint ids
+are the engines' instance ids. Drives a multi-round chat workload (a shared system prompt,
+per-user histories that grow each round, sized to ~75% of the cluster's cache) once with
+cache-aware routing off (plain least-in-flight balancing) and once on, each on a fresh
+cluster, and prints: prefix-cache hit ratio from the engines' own /metrics, time to first
+token p50/p95/p99, throughput and each endpoint's share of requests. Writes a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from sim.cluster import Cluster, start_cluster
+from sim.proxy import ROOT, command, mitmdump, write_config
+
+MODEL = "sim-model"
+
+
+@dataclass(frozen=True)
+class Workload:
+    users: int
+    rounds: int
+    system_words: int = 500
+    context_words: int = 1500  # each user's own document, sent with the first question
+    question_words: int = 200
+    answer_tokens: int = 64
+    think_s: float = 0.5  # mean pause between an answer and the user's next question
+    seed: int = 7
+
+    def working_set_tokens(self) -> int:
+        # The shared system prompt once, plus every user's whole history.
+        per_round = self.question_words + self.answer_tokens + 8  # + template tokens
+        return self.system_words + self.users * (self.context_words + self.rounds * per_round)
+
+
+@dataclass
+class RunResult:
+    name: str
+    ttft: list[float] = field(default_factory=list)
+    endpoints: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    hits: float = 0.0
+    queries: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.ttft)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.ttft:
+            return float("nan")
+        xs = sorted(self.ttft)
+        return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def _words(rng: random.Random, n: int, vocab: list[str]) -> str:
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+async def _user(client: httpx.AsyncClient, w: Workload, uid: int, system: str,
+                result: RunResult, bar: tqdm, time_scale: float) -> None:
+    rng = random.Random(w.seed * 1000 + uid)
+    vocab = [f"w{uid}x{i}" for i in range(400)] + [f"topic{i}" for i in range(200)]
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": "My document: " + _words(rng, w.context_words, vocab)}]
+    # Users start spread over the first second of the run, as they would.
+    await asyncio.sleep(rng.random() * time_scale)
+    for round_no in range(w.rounds):
+        if round_no:
+            # Users read the answer before asking again. Without the pause a closed loop makes
+            # plain least-in-flight balancing sticky by accident (the engine that just
+            # finished is the least loaded), which no real user population does.
+            await asyncio.sleep(rng.expovariate(1 / w.think_s) * time_scale)
+        messages.append({"role": "user", "content": _words(rng, w.question_words, vocab)})
+        body = {"model": MODEL, "messages": messages, "max_tokens": w.answer_tokens,
+                "stream": True}
+        t0 = time.monotonic()
+        first: float | None = None
+        answer: list[str] = []
+        try:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                route = r.headers.get("x-kvcache-route", "")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0].get("delta", {})
+                    if delta.get("content"):
+                        first = first or time.monotonic()
+                        answer.append(delta["content"])
+            if r.status_code != 200 or first is None:
+                raise RuntimeError(f"status {r.status_code}")
+        except Exception:
+            result.errors += 1
+            bar.update(1)
+            return
+        # Times in model seconds: divide out the time scale.
+        result.ttft.append((first - t0) / time_scale)
+        parts = route.split("; ")
+        result.endpoints[parts[0]] += 1
+        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        reason = fields.get("reason", "")
+        if fields.get("why"):
+            reason += f" ({fields['why']})"
+        result.reasons[reason] += 1
+        result.output_tokens += len(answer)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        bar.update(1)
+
+
+async def _drive(url: str, w: Workload, result: RunResult, time_scale: float) -> None:
+    rng = random.Random(w.seed)
+    shared = [f"rule{i}" for i in range(300)]
+    system = "You are a support agent. " + _words(rng, w.system_words, shared)
+    limits = httpx.Limits(max_connections=w.users + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        with tqdm(total=w.users * w.rounds, desc=f"routing {result.name:>3}", unit="req",
+                  file=sys.stderr, leave=False) as bar:
+            t0 = time.monotonic()
+            await asyncio.gather(*(
+                _user(client, w, u, system, result, bar, time_scale) for u in range(w.users)))
+            # Throughput counts serving time, not the users' reading time.
+            result.wall_s = (time.monotonic() - t0) / time_scale
+
+
+def _scrape(cluster: Cluster, result: RunResult) -> None:
+    for url in cluster.urls:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "vllm:prefix_cache_hits_total":
+                    result.hits += s.value
+                elif s.name == "vllm:prefix_cache_queries_total":
+                    result.queries += s.value
+
+
+@contextlib.contextmanager
+def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool
+                       ) -> Iterator[tuple[Cluster, str, Path]]:
+    with start_cluster(args.engines, args.time_scale, capacity_tokens=args.capacity_tokens,
+                       mode="process") as cluster:
+        cfg = write_config(
+            out / f"config-{'on' if routing else 'off'}.yaml", cluster.engine_urls,
+            cluster.controller_url, enabled=routing, lookup_routing_timeout="100ms",
+            load_balancing="least_inflight")
+        with mitmdump(cfg, out) as proxy:
+            yield cluster, proxy.url, cfg
+
+
+def run_once(args: argparse.Namespace, w: Workload, out: Path, routing: bool) -> RunResult:
+    result = RunResult("on" if routing else "off")
+    with _cluster_and_proxy(args, out, routing) as (cluster, url, _cfg):
+        asyncio.run(_drive(url, w, result, args.time_scale))
+        _scrape(cluster, result)
+    return result
+
+
+def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
+    off, on = runs
+    total_cache = args.engines * args.capacity_tokens
+    lines = [
+        f"command: ./scripts/demo {' '.join(sys.argv[1:])}".rstrip(),
+        f"cluster: {args.engines} simulated vLLM engines x {args.capacity_tokens} tokens of "
+        f"prefix cache, LMCache controller simulator, mitmdump + addon",
+        f"workload: {w.users} users x {w.rounds} rounds of chat, {w.system_words}-word shared "
+        f"system prompt, a {w.context_words}-word document per user, {w.question_words}-word "
+        f"questions, {w.answer_tokens}-token answers; "
+        f"working set ~{w.working_set_tokens()} tokens = "
+        f"{w.working_set_tokens() / total_cache:.0%} of the cluster's cache",
+        f"times in model seconds (H100/8B cost model; time scale {args.time_scale})",
+        "",
+        f"{'':28}{'routing off':>14}{'routing on':>14}{'on/off':>9}",
+    ]
+
+    def row(label: str, a: float, b: float, fmt: str, ratio: bool = True) -> None:
+        r = f"{b / a:8.2f}x" if ratio and a else ""
+        lines.append(f"{label:28}{format(a, fmt):>14}{format(b, fmt):>14}{r:>9}")
+
+    row("prefix-cache hit ratio", off.hit_ratio, on.hit_ratio, ".1%")
+    for q in (50, 95, 99):
+        row(f"TTFT p{q} (ms)", off.pct(q) * 1000, on.pct(q) * 1000, ".1f")
+    row("throughput (req/s)", off.requests / off.wall_s, on.requests / on.wall_s, ".2f")
+    row("output tokens/s", off.output_tokens / off.wall_s, on.output_tokens / on.wall_s, ".0f")
+    row("requests (errors)", off.requests, on.requests, "d", ratio=False)
+    lines.append(f"{'':28}{off.errors:>14}{on.errors:>14}")
+    ids = sorted(set(off.endpoints) | set(on.endpoints))
+    for eid in ids:
+        a = off.endpoints[eid] / max(off.requests, 1)
+        b = on.endpoints[eid] / max(on.requests, 1)
+        row(f"share {eid}", a, b, ".0%", ratio=False)
+    lines.append("routing decisions (on): " + ", ".join(
+        f"{k} {v}" for k, v in on.reasons.most_common()))
+    return "\n".join(lines)
+
+
+def chart(runs: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    colors = {"off": "#999999", "on": "#1f77b4"}
+    for r in runs:
+        xs = sorted(t * 1000 for t in r.ttft)
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        axes[0].plot(xs, ys, label=f"routing {r.name}", color=colors[r.name])
+    axes[0].set(title="Time to first token (CDF)", xlabel="ms", ylabel="fraction of requests")
+    axes[0].legend()
+    labels = ["hit ratio"]
+    for i, r in enumerate(runs):
+        axes[1].bar([i], [r.hit_ratio * 100], color=colors[r.name], label=f"routing {r.name}")
+    axes[1].set(title="Prefix-cache hit ratio (engines' /metrics)", ylabel="%",
+                xticks=[0, 1], xticklabels=[f"routing {r.name}" for r in runs])
+    del labels
+    ids = sorted(set().union(*(r.endpoints for r in runs)))
+    width = 0.4
+    for i, r in enumerate(runs):
+        shares = [r.endpoints[e] / max(r.requests, 1) * 100 for e in ids]
+        axes[2].bar([j + i * width for j in range(len(ids))], shares, width,
+                    color=colors[r.name], label=f"routing {r.name}")
+    axes[2].set(title="Share of requests per endpoint", ylabel="%",
+                xticks=[j + width / 2 for j in range(len(ids))],
+                xticklabels=[e.replace("vllm-instance-", "engine ") for e in ids])
+    axes[2].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def keep_running(args: argparse.Namespace, out: Path) -> None:
+    with _cluster_and_proxy(args, out, routing=True) as (cluster, url, cfg):
+        web = " ".join(command(cfg, out / "mitmweb-conf", "127.0.0.1:8090", "mitmweb"))
+        web = web.replace(str(ROOT) + "/", "")
+        print(f"\nThe cluster is up (routing on). Controller: {cluster.controller_url}")
+        for iid, eurl in cluster.engine_urls.items():
+            print(f"  {iid}: {eurl}")
+        print(f"mitmdump with the addon: {url}\n")
+        print("To inspect routing decisions in mitmweb (flow comments, 🎯 marks, headers):")
+        print(f"  {web} --set web_columns=comment,path,method,status,size,time\n")
+        print(f"then send requests to http://127.0.0.1:8090 (or to {url}), e.g.:")
+        print(f"  curl -s {url}/v1/completions -H 'content-type: application/json' "
+              f"-d '{{\"model\": \"{MODEL}\", \"prompt\": \"hello\", \"max_tokens\": 4}}' -i")
+        print("\nCtrl-C stops everything.")
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./scripts/demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", type=int, default=4)
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--time-scale", type=float, default=2.0,
+                   help="multiplies every simulated duration; above 1 the simulators' own "
+                        "CPU time (this machine is not a GPU) weighs less against the model")
+    p.add_argument("--capacity-tokens", type=int, default=0,
+                   help="prefix cache per engine (default: sized so the working set is "
+                        "75%% of the cluster's cache)")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
+    p.add_argument("--keep-running", action="store_true",
+                   help="after the report, leave a cluster up (routing on) for mitmweb")
+    args = p.parse_args(argv)
+    # A shell without job control starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    w = Workload(args.users, args.rounds)
+    if not args.capacity_tokens:
+        args.capacity_tokens = int(w.working_set_tokens() / 0.75 / args.engines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = [run_once(args, w, args.out, routing) for routing in (False, True)]
+        text = report(w, args, runs)
+        print(text)
+        (args.out / "report.txt").write_text(text + "\n")
+        chart(runs, args.out / "demo.png")
+        print(f"\nchart: {args.out / 'demo.png'}")
+        if args.keep_running:
+            keep_running(args, args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
