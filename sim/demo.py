@@ -19,7 +19,6 @@ import contextlib
 import json
 import random
 import signal
-import statistics
 import sys
 import time
 from collections import Counter
