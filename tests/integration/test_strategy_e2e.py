@@ -127,8 +127,8 @@ def _hang_burst(cluster: Cluster, tmp: Path, budget_ms: int) -> None:
             # two bursts of 200, seen up to ~2.5 s.
             assert hung[-1] < base[-1] + 4.0, (hung[-1], base[-1])
             route_ms = sorted(float(i["route_ms"]) for i in infos)
-            assert route_ms[median] < budget_ms + 250, route_ms  # + loop lag of the burst
-            assert route_ms[-1] < 1000, route_ms
+            assert route_ms[median] < budget_ms + 400, route_ms  # + loop lag of the burst
+            assert route_ms[-1] < 1500, route_ms
             # Lookups timed out in a row: the next requests skip the lookup entirely.
             again, _ = asyncio.run(burst(proxy.url, 20, 3))
             assert {route(r)["why"] for r in again} == {"controller-slow"}
