@@ -163,7 +163,14 @@ class KVCacheConfig(_Section):
     load_balancing: Literal["least_inflight", "round_robin"] = "least_inflight"
     # The routing policy (see addon/policy.py and the routing benchmark in docs/).
     routing_policy: Literal["cost", "longest_match"] = "cost"
-    routing_load_weight: Count = 256
+    routing_load_weight: Count = 256  # only with routing_load_unit: requests
+    # Load per endpoint: "tokens" (the proxy's estimate of queued prefill + per-request
+    # tokens) or "requests" (routing_load_weight x in-flight requests).
+    routing_load_unit: Literal["tokens", "requests"] = "tokens"
+    routing_prefill_share: Annotated[float, Field(ge=0.0, le=4.0)] = 0.6
+    routing_request_tokens: Count = 128
+    routing_track_inflight: bool = True
+    routing_recent_tokens: Count = 100_000
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
     tokenize_on_request_path: bool = True

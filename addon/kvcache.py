@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,10 @@ class KVCache:
             balancer=LoadBalancer(cfg.load_balancing), token_cache=self.token_cache,
             lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
             tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
-            policy=PolicyParams(cfg.routing_policy, cfg.routing_load_weight),
+            policy=PolicyParams(
+                cfg.routing_policy, cfg.routing_load_weight, cfg.routing_load_unit,
+                cfg.routing_prefill_share, cfg.routing_request_tokens,
+                cfg.routing_track_inflight, cfg.routing_recent_tokens),
             slow_backoff=cfg.slow_backoff,
         )
         cs = cfg.cache_strategy
@@ -202,7 +206,8 @@ class KVCache:
             return
         ctype = flow.response.headers.get("content-type", "")
         if ctype.startswith("text/event-stream"):
-            flow.response.stream = True
+            # SSE headers come before the prefill ends; the first body bytes come after it.
+            flow.response.stream = self._watch_first_byte(flow.id)
         meta = flow.metadata.get("kvcache")
         if meta and self.cfg is not None and self.cfg.route_header:
             flow.response.headers[ROUTE_HEADER] = _route_header(meta)
@@ -227,7 +232,10 @@ class KVCache:
         flow.request.scheme = ep.scheme
         flow.request.host = ep.host
         flow.request.port = ep.port
-        self.state.start(ep.id)
+        if self.router is not None:
+            self.router.started(flow.id, d)
+        else:
+            self.state.start(ep.id)
         self._flow_endpoint[flow.id] = ep.id
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
@@ -260,9 +268,25 @@ class KVCache:
         if job is not None and flow.error is not None and self.pool is not None:
             self.pool.cancel(job)  # the client went away: its job is moot if not started
         eid = self._flow_endpoint.pop(flow.id, None)
-        if eid is not None and self.state is not None:
+        if eid is not None and self.router is not None:
+            self.router.finished(flow.id, eid)
+        elif eid is not None and self.state is not None:
             self.state.finish(eid)
         return eid
+
+    def _watch_first_byte(self, flow_id: str) -> Callable[[bytes], bytes]:
+        """A pass-through stream filter that tells the router when the body starts."""
+        seen = False
+
+        def chunk(data: bytes) -> bytes:
+            nonlocal seen
+            if data and not seen:
+                seen = True
+                if self.router is not None:
+                    self.router.first_byte(flow_id)
+            return data
+
+        return chunk
 
     # -- commands ------------------------------------------------------------------------
 

@@ -68,8 +68,24 @@ class PolicyParams:
     # "longest_match": the most matched tokens whatever the load (the seed's rule).
     kind: str = "cost"
     # How many prompt tokens of prefill one request in flight on an endpoint is worth: the
-    # exchange rate between cache affinity and queueing. Chosen with the routing benchmark.
+    # exchange rate between cache affinity and queueing (only with load_unit="requests").
     load_weight_tokens: int = 256
+    # "tokens": an endpoint's load is the proxy's estimate of its queued work in prompt tokens
+    # (addon/prefix_index.py), compared 1:1 with the uncached tokens; "requests":
+    # load_weight_tokens x its in-flight requests. Defaults below chosen with the routing
+    # benchmark (docs/routing-benchmark.md).
+    load_unit: str = "tokens"
+    # Share of a routed request's uncached tokens counted as load until its prefill is seen
+    # to be over: a new request queues behind part of it on average, not all of it.
+    prefill_share: float = 0.6
+    # Load per unfinished request, in tokens: its decode slot (and it spreads ties).
+    request_tokens: int = 128
+    # Merge the prefixes of requests in flight into the controller's matches: the controller
+    # learns a prefix only once its prefill is over.
+    track_inflight: bool = True
+    # Per endpoint, tokens of recently finished prompts remembered to route by when the
+    # controller cannot answer; 0 turns that memory off.
+    recent_tokens: int = 100_000
 
 
 def choose(
@@ -79,16 +95,22 @@ def choose(
     balancer: LoadBalancer,
     prompt_tokens: int = 0,
     params: PolicyParams | None = None,
+    load_tokens: Mapping[str, int] | None = None,
 ) -> Choice:
     """The endpoint for one request.
 
-    `matches`: instance id -> tokens of the prompt's prefix it holds (LMCache lookup);
-    `inflight`: the proxy's own count of unfinished requests per endpoint.
+    `matches`: instance id -> tokens of the prompt's prefix it holds (LMCache lookup, maybe
+    merged with the proxy's own view); `inflight`: the proxy's own count of unfinished
+    requests per endpoint; `load_tokens`: the proxy's estimate of each endpoint's queued work
+    in prompt tokens, used instead of `inflight` (for the cost, the tie-breaks and the
+    balancer) when given and `params.load_unit` is "tokens".
     """
     p = params or PolicyParams()
-    holder = best_holder(matches, candidates, inflight)
+    by_tokens = load_tokens is not None and p.load_unit == "tokens"
+    load = load_tokens if by_tokens and load_tokens is not None else inflight
+    holder = best_holder(matches, candidates, load)
     if holder is None:
-        return Choice(balancer.pick(candidates, inflight), balancer.kind)
+        return Choice(balancer.pick(candidates, load), balancer.kind)
     if p.kind == "longest_match":
         return Choice(holder[0], "cache-hit", holder[1])
     # Estimated work before this request's first token on each endpoint, in prompt tokens:
@@ -96,11 +118,12 @@ def choose(
     # that is far busier than the rest loses its request, which spreads a hot prefix instead
     # of piling every request onto its first holder.
     prompt = max(prompt_tokens, holder[1])
+    weight = 1 if by_tokens else p.load_weight_tokens
     best: tuple[int, int, int, int] | None = None
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
-        load = inflight.get(eid, 0)
-        rank = (prompt - matched + p.load_weight_tokens * load, -matched, load, i)
+        busy = load.get(eid, 0)
+        rank = (prompt - matched + weight * busy, -matched, busy, i)
         if best is None or rank < best:
             best = rank
     assert best is not None

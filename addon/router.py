@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from addon.lmcache import LookupResult
 from addon.policy import Choice, EndpointState, LoadBalancer, PolicyParams, choose
+from addon.prefix_index import CHUNK_TOKENS, PrefixIndex, chunk_hashes, merge_matches
 from addon.request import LLMRequest
 from addon.resilience import (
     CircuitBreaker,
@@ -27,9 +28,8 @@ from addon.tokens import TokenCache
 
 logger = logging.getLogger(__name__)
 
-# The controller hashes tokens in 256-token chunks: a shorter prompt never matches, so
-# asking about one only spends the budget.
-CHUNK_TOKENS = 256
+# The controller hashes tokens in 256-token chunks (CHUNK_TOKENS): a shorter prompt never
+# matches, so asking about one only spends the budget.
 
 
 class Lookup(Protocol):
@@ -44,22 +44,34 @@ class Tokenize(Protocol):
 @dataclass(frozen=True)
 class Decision:
     endpoint_id: str
-    reason: str  # cache-hit, least_inflight, round_robin
+    # cache-hit, cache-spill, local-hit (the proxy's own view, the controller could not
+    # answer), least_inflight, round_robin
+    reason: str
     why: str = ""  # why the cache gave no answer: no-match, lookup-timeout, ...
     matched_tokens: int = 0
     prompt_tokens: int = 0
     token_source: str = ""  # exact, prefix, request (the client's ids), tokenized, ""
     lookup_ms: float | None = None
     unknown_instances: int = 0
+    # The prompt's chunk hashes, for the prefix index once the request is sent; not metadata.
+    chunks: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def as_metadata(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "chunks" and v not in (None, ""):
+                out[f.name] = v
+        return out
 
 
 @dataclass
 class _Phase:
     name: str = ""  # "tokenize" or "lookup" while one is awaited
     lookup_given: float = 0.0  # seconds of budget the lookup started with
+    chunks: tuple[int, ...] = ()  # the prompt's chunk hashes, once known
+    prompt_tokens: int = 0
+    source: str = ""
 
 
 @dataclass
@@ -73,6 +85,7 @@ class RouterStats:
     breaker_skips: int = 0
     slow_skips: int = 0
     spills: int = 0
+    local_hits: int = 0
 
 
 def service_unhealthy(e: BaseException) -> bool:
@@ -130,11 +143,53 @@ class Router:
         self.failure_log = failure_log
         self.clock = clock
         self.stats = RouterStats()
+        p = self.policy
+        self.index = PrefixIndex(
+            state.ids, prefill_share=p.prefill_share, request_tokens=p.request_tokens,
+            recent_tokens=p.recent_tokens)
+
+    # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
+
+    def started(self, rid: Hashable, d: Decision) -> None:
+        """The request was sent to `d.endpoint_id`."""
+        self.state.start(d.endpoint_id)
+        self.index.add(rid, d.endpoint_id, d.chunks, d.prompt_tokens - d.matched_tokens)
+
+    def first_byte(self, rid: Hashable) -> None:
+        """The first byte of a streamed response body: the endpoint's prefill is over."""
+        self.index.prefill_done(rid)
+
+    def finished(self, rid: Hashable, endpoint_id: str) -> None:
+        """The response ended or failed."""
+        self.state.finish(endpoint_id)
+        self.index.remove(rid)
+
+    def load_tokens(self) -> dict[str, int] | None:
+        return self.index.load() if self.policy.load_unit == "tokens" else None
 
     def balance(self, why: str) -> Decision:
         candidates = self.state.healthy()
-        return Decision(self.balancer.pick(candidates, self.state.inflight), self.balancer.kind,
-                        why)
+        load = self.load_tokens()
+        eid = self.balancer.pick(candidates, self.state.inflight if load is None else load)
+        return Decision(eid, self.balancer.kind, why)
+
+    def fallback(self, why: str, phase: _Phase, ms: float | None = None) -> Decision:
+        """No controller answer: the proxy's own view of in-flight and recently finished
+        prompts, else the balancer."""
+        chunks, n = phase.chunks, phase.prompt_tokens
+        p = self.policy
+        if chunks and (p.track_inflight or p.recent_tokens):
+            matches = self.index.local_matches(
+                chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0)
+            if matches:
+                choice = choose(matches, self.state.healthy(), self.state.inflight,
+                                self.balancer, prompt_tokens=n, params=p,
+                                load_tokens=self.load_tokens())
+                if choice.reason == "cache-hit":
+                    self.stats.local_hits += 1
+                    return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
+                                    n, phase.source, ms, chunks=chunks)
+        return self._with(self.balance(why), n, phase.source, ms, chunks)
 
     def _log_failure(self, what: str, why: str) -> None:
         log_now, suppressed = self.failure_log.should_log(f"{what}:{why}")
@@ -159,7 +214,7 @@ class Router:
                 self.slow_tokenize.record_failure()
             why = f"{phase.name}-timeout" if phase.name else "budget-exceeded"
             self._log_failure("routing", why)
-            return self.balance(why)
+            return self.fallback(why, phase)
         except Exception as e:  # fail open, whatever broke
             logger.debug("[kvcache] routing error", exc_info=True)
             self._log_failure("routing", describe_error(e))
@@ -208,14 +263,16 @@ class Router:
         if not tokens:
             return self.balance(why or "no-tokens")
         n = len(tokens)
+        phase.prompt_tokens, phase.source = n, source
         if n < CHUNK_TOKENS:
             return self._with(self.balance("short-prompt"), n, source)
+        chunks = phase.chunks = chunk_hashes(tokens)
         if self.controller_breaker.is_open() or not self.controller_breaker.allow():
             self.stats.breaker_skips += 1
-            return self._with(self.balance("controller-breaker-open"), n, source)
+            return self.fallback("controller-breaker-open", phase)
         if not self.slow_lookup.allow():
             self.stats.slow_skips += 1
-            return self._with(self.balance("controller-slow"), n, source)
+            return self.fallback("controller-slow", phase)
         self.stats.lookups += 1
         t0 = self.clock()
         phase.name, phase.lookup_given = "lookup", deadline - t0
@@ -232,7 +289,7 @@ class Router:
             else:
                 self.controller_breaker.record_success()
             self._log_failure("LMCache lookup", why)
-            return self._with(self.balance(f"lookup-{why}"), n, source, ms)
+            return self.fallback(f"lookup-{why}", phase, ms)
         ms = (self.clock() - t0) * 1000
         self.controller_breaker.record_success()
         self.slow_lookup.record_success()
@@ -244,18 +301,24 @@ class Router:
                 "matching LMCache instance ids to endpoint ids",
                 "instance-not-an-endpoint",
             )
-        choice: Choice = choose(result.matches, candidates, self.state.inflight, self.balancer,
-                                prompt_tokens=n, params=self.policy)
+        matches: dict[str, int] | Any = result.matches
+        if self.policy.track_inflight:
+            # Prompts routed but not yet prefilled are invisible to the controller.
+            matches = merge_matches(result.matches, self.index.local_matches(chunks))
+        choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
+                                prompt_tokens=n, params=self.policy,
+                                load_tokens=self.load_tokens())
         if choice.reason == "cache-hit":
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
-                            source, ms, unknown)
+                            source, ms, unknown, chunks)
         if choice.reason == "cache-spill":
             self.stats.spills += 1
             return Decision(choice.endpoint_id, "cache-spill", "holder-busy", 0, n, source, ms,
-                            unknown)
+                            unknown, chunks)
         why = "unknown-instance" if unknown else "no-match"
-        return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown)
+        return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown,
+                        chunks)
 
     def _lookup_timed_out(self, given: float) -> None:
         # Only a lookup that had a fair share of the budget and still timed out says the
@@ -264,5 +327,6 @@ class Router:
             self.slow_lookup.record_failure()
 
     @staticmethod
-    def _with(d: Decision, n: int, source: str, ms: float | None = None) -> Decision:
-        return Decision(d.endpoint_id, d.reason, d.why, 0, n, source, ms)
+    def _with(d: Decision, n: int, source: str, ms: float | None = None,
+              chunks: tuple[int, ...] = ()) -> Decision:
+        return Decision(d.endpoint_id, d.reason, d.why, 0, n, source, ms, chunks=chunks)

@@ -15,15 +15,21 @@ Ties that the real router breaks at random are broken with the run's seeded RNG.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import dataclasses
 import math
+import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Container, Sequence
 from hashlib import blake2b
 from typing import Any
 
 from addon import policy as addon_policy
+from addon.lmcache import LookupResult
+from addon.request import LLMRequest
+from addon.resilience import CircuitBreaker, RateLimitedLog
+from addon.router import Router
 from bench.des import SimEngine, SimRequest, Simulation
 from bench.prompts import TREE_BLOCK
 from sim.chunks import CHUNK_SIZE
@@ -505,120 +511,97 @@ def params_with(**overrides: Any) -> addon_policy.PolicyParams | None:
     return dataclasses.replace(addon_policy.PolicyParams(), **overrides)
 
 
+_LOOPS: dict[int, asyncio.AbstractEventLoop] = {}
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One loop per process for every run's router (a loop per run would leak its fds)."""
+    pid = os.getpid()
+    loop = _LOOPS.get(pid)
+    if loop is None or loop.is_closed():
+        loop = _LOOPS[pid] = asyncio.new_event_loop()
+    return loop
+
+
+class _SimController:
+    """The addon's ``Lookup`` over the simulated controller view. The router hashes the
+    tokens with its own hash; the controller is asked about the same prompt by its own
+    chunk hashes (held by the adapter), as the real controller hashes the tokens it is sent.
+    A down controller refuses the connection, as a stopped one does."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.prompt_chunks: Sequence[int] = ()
+
+    async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
+        if self.sim.controller.down:
+            raise ConnectionRefusedError("controller down")
+        return LookupResult(self.sim.controller.lookup_chunks(self.prompt_chunks, self.sim.now))
+
+
 class Ours(BasePolicy):
-    """The addon's routing: ``addon.policy.choose`` itself, fed as its request hook feeds it.
+    """The addon's routing: an ``addon.router.Router`` (the object the request hook calls,
+    with its ``PrefixIndex`` and ``addon.policy.choose``), fed what the hooks feed it.
 
-    Prompts under one LMCache chunk skip the lookup and go to the balancer (the hook's
-    "short-prompt" path); otherwise ``matches`` is the controller's lookup, ``inflight`` the
-    proxy's count of unfinished requests per engine, and the balancer least-in-flight. With
-    no ``params`` the addon's defaults are what is measured.
+    - route: ``Router.route`` on an ``LLMRequest`` carrying the prompt's token ids (the
+      client-sent-ids path: no tokenizer), then ``Router.started`` as ``kvcache._apply`` does;
+    - first token: ``Router.first_byte``, which the addon calls on the first body byte of an
+      SSE response (vLLM writes it after the prefill); with ``streaming=False`` (clients that
+      do not stream) the addon sees nothing until the end, and neither does this adapter;
+    - finish: ``Router.finished``, as the response/error hooks do.
+
+    The lookup is the simulated controller, down or stale per the run's config; the
+    router's clocks (breakers, health) are the simulation's. With no ``params`` the addon's
+    defaults are what is measured.
     """
-
-    def __init__(
-        self, name: str = "ours", params: addon_policy.PolicyParams | None = None
-    ) -> None:
-        self.name = name
-        self.params = params if params is not None else addon_policy.PolicyParams()
-        self.balancer = addon_policy.LoadBalancer("least_inflight")
-
-    def route(self, req: SimRequest, sim: Simulation) -> str:
-        n = len(req.prompt)
-        candidates = sim.engine_ids
-        if n < LOOKUP_MIN_TOKENS:
-            sim.reason = "short-prompt"
-            return self.balancer.pick(candidates, sim.inflight)
-        matches = sim.controller.lookup_chunks(req.prompt.chunks, sim.now)
-        choice = addon_policy.choose(
-            matches, candidates, sim.inflight, self.balancer, prompt_tokens=n, params=self.params
-        )
-        sim.reason = choice.reason
-        return choice.endpoint_id
-
-
-class OursCandidate(BasePolicy):
-    """A proposed change to the addon, prototyped here: still ``addon.policy.choose`` with its
-    "cost" rule, but fed better inputs, all of which the proxy can know by itself.
-
-    1. ``matches`` = the controller's answer merged (max per engine) with the proxy's own
-       memory of the prompts it routed and that have not finished: the controller learns a
-       prefix only when its prefill ends (after queueing, + report delay), and until then
-       every request sharing it would look uncached and be spread over the cluster.
-    2. load (``inflight`` argument) in prompt tokens rather than requests: half the uncached
-       tokens of the requests routed to the engine that have not had their first token yet
-       (the prefill work a new request queues behind) + ``per_request_tokens`` per unfinished
-       request (decode slots; also spreads ties), with ``load_weight_tokens=1``.
-
-    Needs in the addon: the tokens' 256-token chunk hashes per in-flight request (the router
-    has the tokens), and a first-byte-of-response hook to know when prefill is over.
-    """
-
-    needs_pending = False
 
     def __init__(
         self,
-        name: str = "ours-candidate",
-        queued_prefill_share: float = 0.5,
-        per_request_tokens: int = 64,
+        name: str = "ours",
+        params: addon_policy.PolicyParams | None = None,
+        streaming: bool = True,
     ) -> None:
-        params = params_with(kind="cost", load_weight_tokens=1)
-        if params is None:
-            raise RuntimeError("addon.policy.PolicyParams has no cost rule to feed")
         self.name = name
-        self.params = params
-        self.share = queued_prefill_share
-        self.per_request = per_request_tokens
-        self.balancer = addon_policy.LoadBalancer("least_inflight")
-        self._prefill_tokens: dict[str, int] = {}
-        self._req_prefill: dict[int, int] = {}
-        self._memory: dict[str, Counter[int]] = {}
+        self.params = params if params is not None else addon_policy.PolicyParams()
+        self.streaming = streaming
+        self.router: Router | None = None
+        self._controller: _SimController | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _load(self, sim: Simulation) -> dict[str, int]:
-        return {
-            e: int(self.share * self._prefill_tokens.get(e, 0)) + self.per_request * sim.inflight[e]
-            for e in sim.engine_ids
-        }
+    def _make(self, sim: Simulation) -> Router:
+        def clock() -> float:
+            return sim.now
+
+        self._controller = _SimController(sim)
+        breaker = CircuitBreaker(5, 10.0, 2, clock, "controller")
+        return Router(
+            budget=0.05, state=addon_policy.EndpointState(sim.engine_ids, 10.0, clock),
+            balancer=addon_policy.LoadBalancer("least_inflight"), token_cache=None,
+            lmcache=self._controller, tokenizer=None, controller_breaker=breaker,
+            tokenizer_breaker=CircuitBreaker(5, 10.0, 2, clock, "tokenizer"),
+            failure_log=RateLimitedLog(), policy=self.params, clock=clock,
+        )
 
     def route(self, req: SimRequest, sim: Simulation) -> str:
-        n = len(req.prompt)
-        ids = sim.engine_ids
-        load = self._load(sim)
-        matched = 0
-        if n < LOOKUP_MIN_TOKENS:
-            eid = self.balancer.pick(ids, load)
-            sim.reason = "short-prompt"
-        else:
-            matches = dict(sim.controller.lookup_chunks(req.prompt.chunks, sim.now))
-            for e, mem in self._memory.items():
-                k = 0
-                for c in req.prompt.chunks:
-                    if c not in mem:
-                        break
-                    k += 1
-                if k * CHUNK_SIZE > matches.get(e, 0):
-                    matches[e] = k * CHUNK_SIZE
-            choice = addon_policy.choose(
-                matches, ids, load, self.balancer, prompt_tokens=n, params=self.params
-            )
-            eid = choice.endpoint_id
-            matched = min(matches.get(eid, 0), n)
-            sim.reason = choice.reason
-        uncached = n - matched
-        self._req_prefill[req.idx] = uncached
-        self._prefill_tokens[eid] = self._prefill_tokens.get(eid, 0) + uncached
-        self._memory.setdefault(eid, Counter()).update(req.prompt.chunks)
-        return eid
+        if self.router is None:
+            self.router = self._make(sim)
+            self._loop = _event_loop()
+        assert self._controller is not None and self._loop is not None
+        self._controller.prompt_chunks = req.prompt.chunks
+        llm = LLMRequest("/v1/completions", "m", "", f"r{req.idx}", "completion",
+                         token_ids=req.prompt.tokens)
+        d = self._loop.run_until_complete(self.router.route(llm))
+        self.router.started(req.idx, d)
+        sim.reason = d.reason
+        return d.endpoint_id
 
     def on_first_token(self, req: SimRequest, eid: str, sim: Simulation) -> None:
-        self._prefill_tokens[eid] -= self._req_prefill.pop(req.idx)
+        if self.streaming and self.router is not None:
+            self.router.first_byte(req.idx)
 
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None:
-        mem = self._memory[eid]
-        for c in req.prompt.chunks:
-            left = mem[c] - 1
-            if left:
-                mem[c] = left
-            else:
-                del mem[c]
+        if self.router is not None:
+            self.router.finished(req.idx, eid)
 
 
 # --- registry -----------------------------------------------------------------------------
@@ -645,11 +628,14 @@ def policy_factories() -> dict[str, PolicyFactory]:
     """Every policy by name: ours (addon defaults), the addon's other modes the installed
     ``PolicyParams`` can express, the bench-local candidate, the peers and the oracle."""
     out: dict[str, PolicyFactory] = {"ours": Ours}
-    lm = params_with(kind="longest_match")
+    out["ours[no-stream]"] = lambda: Ours("ours[no-stream]", streaming=False)
+    # The addon before the prefix index: load in requests, controller matches only.
+    old = params_with(load_unit="requests", track_inflight=False, recent_tokens=0)
+    if old is not None:
+        out["ours[request-load]"] = lambda: Ours("ours[request-load]", old)
+    lm = params_with(kind="longest_match", track_inflight=False)
     if lm is not None:
         out["ours[longest-match]"] = lambda: Ours("ours[longest-match]", lm)
-    if params_with(kind="cost", load_weight_tokens=1) is not None:
-        out["ours-candidate"] = OursCandidate
     out.update(PEERS)
     out.update(REFERENCE)
     return out

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from addon.policy import PolicyParams
 from bench.des import SimConfig
 from bench.workloads import Workload
 
@@ -22,17 +23,24 @@ SAT_ABS_S = 0.5
 # and at least LOSS_ABS_S lower.
 LOSS_RATIO = 0.8
 LOSS_ABS_S = 0.02
+# The issue's win conditions: ours' p95 within WIN_SLACK of the best non-oracle policy at every
+# load level up to saturation; on no-reuse within NO_REUSE_SLACK of least-loaded.
+WIN_SLACK = 0.02
+NO_REUSE_SLACK = 0.03
 
 POLICY_NOTES = {
-    "ours": "the addon: `addon.policy.choose` with `PolicyParams()` defaults, fed the "
-            "controller lookup and the proxy's in-flight counts, least-in-flight balancer",
-    "ours-candidate": "bench-local proposal: the same `choose`, fed the controller lookup "
-                      "merged with the proxy's own in-flight routing memory, and a load in "
-                      "prompt tokens (see below)",
+    "ours": "the addon: its `addon.router.Router` (prefix index + `addon.policy.choose`) "
+            "with `PolicyParams()` defaults, fed the controller lookup and the hooks' events; "
+            "clients stream, so the first SSE body byte tells it the prefill is over",
+    "ours[no-stream]": "the addon with clients that do not stream: it learns nothing between "
+                       "routing and the end of the response",
+    "ours[request-load]": "the addon before the prefix index: controller matches only, load "
+                          "= 256 tokens x in-flight requests",
     "ours[longest-match]": "the addon with `PolicyParams(kind=\"longest_match\")`: most "
-                           "matched tokens whatever the load, ties to least in-flight",
+                           "matched tokens whatever the load, ties to the least loaded",
     "ours[controller-down]": "the addon with the controller down for the whole run "
-                             "(lookups answer nothing: pure fallback)",
+                             "(lookups refused: the breaker opens, the proxy's own view of "
+                             "in-flight and recently finished prompts routes)",
     "random": "uniform random",
     "round-robin": "round robin",
     "least-loaded": "fewest in-flight requests (proxy's count)",
@@ -107,7 +115,8 @@ def build(
     meta: Mapping[str, Any],
 ) -> Doc:
     peers = peers_of(policies)
-    has_cand = "ours-candidate" in policies
+    # The addon as seen by clients that do not stream: shown next to ours when measured.
+    has_cand = "ours[no-stream]" in policies
     lines: list[str] = []
     add = lines.append
     cost = meta["cost_model"]
@@ -178,7 +187,7 @@ def build(
     add("TTFT p95 (hit ratio) at the highest load round robin sustains and at its saturation "
         "point. Best peer = lowest p95 among all non-ours policies except the oracle.")
     add("")
-    cols = ["workload", "load", "QPS", "ours"] + (["ours-candidate"] if has_cand else []) + [
+    cols = ["workload", "load", "QPS", "ours"] + (["ours[no-stream]"] if has_cand else []) + [
         "round-robin", "least-loaded", "best peer", "oracle"]
     add("| " + " | ".join(cols) + " |")
     add("|" + "---|" * len(cols))
@@ -195,7 +204,7 @@ def build(
             bp, bm = _best(peers, get)
             row = [w.name, label, f"{levels[lv]:g}", f"**{_cell(get('ours'))}**"]
             if has_cand:
-                row.append(_cell(get("ours-candidate")))
+                row.append(_cell(get("ours[no-stream]")))
             row += [_cell(get("round-robin")), _cell(get("least-loaded")),
                     f"{bp}: {_cell(bm)}", _cell(get("oracle"))]
             add("| " + " | ".join(row) + " |")
@@ -204,7 +213,7 @@ def build(
                 "ours": dict(get("ours")), "round_robin": dict(get("round-robin")),
                 "least_loaded": dict(get("least-loaded")), "best_peer": bp,
                 "best_peer_metrics": dict(bm), "oracle": dict(get("oracle")),
-                **({"ours_candidate": dict(get("ours-candidate"))} if has_cand else {}),
+                **({"ours_no_stream": dict(get("ours[no-stream]"))} if has_cand else {}),
             })
         if sat.at is None:
             add(f"| {w.name} | (round robin never saturated up to {levels[-1]:g} QPS) "
@@ -247,59 +256,70 @@ def build(
         add("- nowhere")
     add("")
 
-    # --- candidate -------------------------------------------------------------------------
-    if has_cand:
-        add("## ours-candidate: a proposed change")
-        add("")
-        add("Prototyped in `bench/policies.py` (`OursCandidate`); it calls the same "
-            "`addon.policy.choose` (cost rule, `load_weight_tokens=1`) with different inputs, "
-            "all known to the proxy:")
-        add("")
-        add("1. `matches`: the controller's lookup merged (max per engine) with the proxy's "
-            "own memory of the chunk hashes of the prompts it routed that have not finished. "
-            "The controller learns a prefix only at the end of its prefill (after any "
-            "queueing); until then every request sharing it looks uncached and gets spread, "
-            "which under load duplicates prefixes across engines and evicts the working set.")
-        add("2. load, in prompt tokens instead of requests: half the uncached tokens of the "
-            "requests routed to the engine that have not produced a first token yet (the "
-            "prefill a new request queues behind) + 64 tokens per unfinished request.")
-        add("")
-        add("TTFT p95 (hit ratio) per load level:")
-        add("")
-        add("| workload | QPS | ours | ours-candidate | best peer | oracle |")
-        add("|---|---|---|---|---|---|")
-        for w in workloads:
-            for lv, q in enumerate(w.qps_levels(cfg)):
-
-                def get2(p: str, lv: int = lv, w: Workload = w) -> Mapping[str, Any]:
-                    return results[(w.name, lv, p)]
-
-                bp, bm = _best(peers, get2)
-                add(f"| {w.name} | {q:g} | {_cell(get2('ours'))} | "
-                    f"{_cell(get2('ours-candidate'))} | {bp}: {_cell(bm)} | "
-                    f"{_cell(get2('oracle'))} |")
-        add("")
-
-    # --- sweep -----------------------------------------------------------------------------
-    weights = meta.get("sweep_weights", [])
-    sweep_rows = []
+    # --- win conditions ------------------------------------------------------------------
+    add("## Win conditions")
+    add("")
+    add(f"Every load level up to round robin's saturation point: ours' TTFT p95 against the "
+        f"best non-oracle policy (peers; win = best or within {WIN_SLACK:.0%}), the oracle, "
+        f"and on no-reuse least-loaded (within {NO_REUSE_SLACK:.0%}), on hot-prefix round "
+        "robin (not worse).")
+    add("")
+    add("| workload | QPS | ours | best peer | ours / best | ours / oracle | extra | holds |")
+    add("|---|---|---|---|---|---|---|---|")
+    wins: list[dict[str, Any]] = []
     for w in workloads:
         levels = w.qps_levels(cfg)
-        for lv in range(len(levels)):
-            if all((w.name, lv, f"ours[w={x}]") in results for x in weights) and weights:
-                sweep_rows.append((w, lv))
-    if sweep_rows:
-        add("## The addon's exchange rate: `load_weight_tokens` sweep")
+        sat = sats[w.name]
+        top = sat.at if sat.at is not None else len(levels) - 1
+        for lv in range(top + 1):
+
+            def get3(p: str, lv: int = lv, w: Workload = w) -> Mapping[str, Any]:
+                return results[(w.name, lv, p)]
+
+            ours = get3("ours")["ttft_p95"]
+            bp, bm = _best(peers, get3)
+            ratio = ours / bm["ttft_p95"]
+            ok = ratio <= 1 + WIN_SLACK
+            extra = ""
+            if w.name == "no-reuse":
+                r = ours / get3("least-loaded")["ttft_p95"]
+                extra = f"vs least-loaded {r:.3f}"
+                ok = ok and r <= 1 + NO_REUSE_SLACK
+            elif w.name == "hot-prefix":
+                r = ours / get3("round-robin")["ttft_p95"]
+                extra = f"vs round robin {r:.3f}"
+                ok = ok and r <= 1.0
+            orc = ours / get3("oracle")["ttft_p95"]
+            add(f"| {w.name} | {levels[lv]:g} | {_s(ours)} s | {bp}: {_s(bm['ttft_p95'])} s | "
+                f"{ratio:.3f} | {orc:.3f} | {extra} | {'yes' if ok else '**no**'} |")
+            wins.append({"workload": w.name, "qps": levels[lv], "ours_p95": ours,
+                         "best_peer": bp, "best_peer_p95": bm["ttft_p95"],
+                         "ratio": ratio, "oracle_ratio": orc, "holds": ok})
+    add("")
+
+    # --- sweeps --------------------------------------------------------------------------
+    sweep_names: Mapping[str, Sequence[str]] = meta.get("sweep_names", {})
+    for knob, names in sweep_names.items():
+        rows = [(w, lv) for w in workloads for lv in range(len(w.qps_levels(cfg)))
+                if names and all((w.name, lv, n) in results for n in names)]
+        if not rows:
+            continue
+        values = meta["sweeps"][knob]
+        default = getattr(PolicyParams(), knob, None)
+        down = names[0].startswith("ours[down,")
+        add(f"## Sweep: `{knob}`" + (" (controller down)" if down else ""))
         add("")
-        add("The addon's cost rule with other `PolicyParams.load_weight_tokens` (prompt tokens "
-            "one in-flight request is worth); TTFT p95 (hit ratio). 0 = longest match with "
-            "the cost rule's tie-breaks.")
+        add(f"The addon's defaults with `PolicyParams.{knob}` changed"
+            + (", and the controller down for the whole run" if down else "")
+            + f"; TTFT p95 (hit ratio). Default: {default:g}.")
         add("")
-        add("| workload | QPS | " + " | ".join(f"w={x}" for x in weights) + " |")
-        add("|---|---|" + "---|" * len(weights))
-        for w, lv in sweep_rows:
+        add("| workload | QPS | " + " | ".join(
+            f"{'**' if v == default else ''}{v:g}{'**' if v == default else ''}"
+            for v in values) + " |")
+        add("|---|---|" + "---|" * len(values))
+        for w, lv in rows:
             q = w.qps_levels(cfg)[lv]
-            cells = [_cell(results[(w.name, lv, f"ours[w={x}]")]) for x in weights]
+            cells = [_cell(results[(w.name, lv, n)]) for n in names]
             add(f"| {w.name} | {q:g} | " + " | ".join(cells) + " |")
         add("")
 
@@ -355,6 +375,7 @@ def build(
         "saturation_rule": {"factor": SAT_FACTOR, "abs_s": SAT_ABS_S},
         "headline": headline,
         "losses": losses,
+        "win_conditions": wins,
         "workloads": {
             w.name: {
                 "title": w.title,
@@ -412,7 +433,7 @@ def plots(
                                      "linestyle": "-" if k < 10 else "-."}
             if p == "ours":
                 style.update(color="black", linewidth=2.8, marker="o")
-            elif p == "ours-candidate":
+            elif p == "ours[no-stream]":
                 style.update(color="tab:red", linewidth=2.2, linestyle="--", marker="o")
             elif p == "oracle":
                 style.update(color="grey", linestyle=":", linewidth=2)

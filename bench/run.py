@@ -27,8 +27,15 @@ from bench.workloads import DEFAULT_TRACE, Workload, seed_of, standard_workloads
 # How stale the controller view is in the staleness case: LMCache workers batch their
 # admit/evict messages, and a controller under load answers from a view seconds old.
 STALENESS_S = 2.0
-# load_weight_tokens values of the addon's cost rule tried in the sweep section.
-SWEEP_WEIGHTS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
+# The addon's routing knobs tried in the sweep section (config key: values); the defaults
+# in addon/policy.py (PolicyParams) were chosen from these tables.
+SWEEPS: dict[str, tuple[float, ...]] = {
+    "prefill_share": (0.5, 0.6, 0.75, 1.0),
+    "request_tokens": (64, 128, 256),
+    "recent_tokens": (0, 50_000, 100_000, 200_000),
+}
+# recent_tokens only matters when the controller cannot answer: swept with it down.
+SWEEP_DOWN = {"recent_tokens"}
 
 _WORKLOADS: dict[str, Workload] = {}
 _CFG = SimConfig()
@@ -41,6 +48,16 @@ def variant_names() -> list[str]:
     return ["ours[controller-down]", f"ours[stale-{STALENESS_S:g}s]"]
 
 
+def sweep_name(knob: str, value: float) -> str:
+    down = "down," if knob in SWEEP_DOWN else ""
+    return f"ours[{down}{knob}={value:g}]"
+
+
+def sweep_names() -> list[str]:
+    return [sweep_name(k, v) for k, values in SWEEPS.items() if params_with(**{k: values[0]})
+            for v in values]
+
+
 def resolve(name: str, cfg: SimConfig) -> tuple[Any, SimConfig]:
     """A fresh policy object and the cluster config for a row name."""
     if name == "ours[controller-down]":
@@ -48,12 +65,14 @@ def resolve(name: str, cfg: SimConfig) -> tuple[Any, SimConfig]:
     m = re.fullmatch(r"ours\[stale-([0-9.]+)s\]", name)
     if m:
         return Ours(name), replace(cfg, staleness_s=float(m.group(1)))
-    m = re.fullmatch(r"ours\[w=(\d+)\]", name)
+    m = re.fullmatch(r"ours\[(down,)?(\w+)=([0-9.]+)\]", name)
     if m:
-        params = params_with(load_weight_tokens=int(m.group(1)))
+        field, raw = m.group(2), m.group(3)
+        value: float | int = float(raw) if "." in raw else int(raw)
+        params = params_with(**{field: value})
         if params is None:
-            raise ValueError("the addon's PolicyParams has no load_weight_tokens")
-        return Ours(name, params), cfg
+            raise ValueError(f"the addon's PolicyParams has no {field}")
+        return Ours(name, params), replace(cfg, controller_down=bool(m.group(1)))
     return policy_factories()[name](), cfg
 
 
@@ -137,14 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p in policies]
     results = run_all(keys, args.jobs)
 
-    # The sweep of the addon's exchange rate runs where it matters: at the highest load
-    # round robin still sustains and at its saturation point.
+    # The sweeps of the addon's knobs run where they matter: at the highest load round
+    # robin still sustains and at its saturation point.
     sweep_keys: list[RunKey] = []
-    if params_with(load_weight_tokens=0) is not None:
-        for w in workloads:
-            sat = report.saturation(w, results)
-            for level in sorted({lv for lv in (sat.below, sat.at) if lv is not None}):
-                sweep_keys += [(w.name, level, f"ours[w={x}]") for x in SWEEP_WEIGHTS]
+    for w in workloads:
+        sat = report.saturation(w, results)
+        for level in sorted({lv for lv in (sat.below, sat.at) if lv is not None}):
+            for name in sweep_names():
+                sweep_keys.append((w.name, level, name))
     results.update(run_all(sweep_keys, args.jobs))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": asdict(_CFG),
         "cost_model": asdict(_CFG.cost_model()),
         "staleness_s": STALENESS_S,
-        "sweep_weights": list(SWEEP_WEIGHTS),
+        "sweeps": {k: list(v) for k, v in SWEEPS.items()},
+        "sweep_names": {k: [sweep_name(k, x) for x in v] for k, v in SWEEPS.items()},
         "runs": len(keys) + len(sweep_keys),
         "jobs": args.jobs,
         "cpus": os.cpu_count(),

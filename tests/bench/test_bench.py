@@ -224,28 +224,62 @@ def test_trace_files_both_formats(tmp_path: Path) -> None:
 # --- policies: signature behaviour -----------------------------------------------------------
 
 
-def test_ours_is_the_addons_choose_with_the_hooks_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ours_is_the_addons_router_with_the_hooks_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from addon import router as addon_router
+
     calls = []
-    real = addon_policy.choose
+    real = addon_router.choose
 
     def spy(*args: object, **kwargs: object) -> addon_policy.Choice:
         calls.append((args, kwargs))
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(addon_policy, "choose", spy)
+    monkeypatch.setattr(addon_router, "choose", spy)
     pol = P.Ours()
     sim = bare_sim(pol)
     p = prompt(1500)
     hold(sim, "e2", p, 3)
     sim.inflight["e0"] = 1
     assert pol.route(SimRequest(0, p, 5), sim) == "e2"
+    assert pol.router is not None and isinstance(pol.router, addon_router.Router)
     (matches, candidates, inflight, balancer), kwargs = calls[0]
     assert matches == {"e2": 768} and list(candidates) == sim.engine_ids
-    assert inflight is sim.inflight and balancer.kind == "least_inflight"
-    assert kwargs == {"prompt_tokens": 1500, "params": addon_policy.PolicyParams()}
+    assert balancer.kind == "least_inflight"
+    assert kwargs["prompt_tokens"] == 1500 and kwargs["params"] == addon_policy.PolicyParams()
+    # The router's own bookkeeping saw the routing (as kvcache._apply reports it).
+    assert pol.router.state.inflight["e2"] == 1
+    assert pol.router.index.pending_tokens("e2") == 1500 - 768
+    pol.on_first_token(SimRequest(0, p, 5), "e2", sim)
+    assert pol.router.index.pending_tokens("e2") == 0
     # Under one chunk the hook does not look up: straight to the balancer.
     pol.route(SimRequest(1, prompt(200, 4), 5), sim)
-    assert len(calls) == 1 and sim.reason == "short-prompt"
+    assert len(calls) == 1 and sim.reason == "least_inflight"
+
+
+def test_no_stream_clients_leave_prefill_pending_until_the_end() -> None:
+    pol = P.Ours("ours[no-stream]", streaming=False)
+    sim = bare_sim(pol)
+    p = prompt(1500)
+    pol.route(SimRequest(0, p, 5), sim)
+    assert pol.router is not None
+    eid = next(e for e in sim.engine_ids if pol.router.index.inflight(e))
+    pol.on_first_token(SimRequest(0, p, 5), eid, sim)
+    assert pol.router.index.pending_tokens(eid) == 1500  # nothing observable yet
+    pol.on_finish(SimRequest(0, p, 5), eid, sim)
+    assert pol.router.index.pending_tokens(eid) == 0 and pol.router.state.inflight[eid] == 0
+
+
+def test_controller_down_is_a_refused_lookup_and_the_index_routes() -> None:
+    cfg = SimConfig(controller_down=True)
+    pol = P.Ours("ours[controller-down]")
+    sim = Simulation([], [], pol, cfg)
+    p = prompt(3000)
+    first = pol.route(SimRequest(0, p, 5), sim)
+    pol.on_finish(SimRequest(0, p, 5), first, sim)
+    assert pol.route(SimRequest(1, FACTORY.extend(p, tokens(100, 5)), 5), sim) == first
+    assert sim.reason == "local-hit"
 
 
 def test_kvaware_threshold_and_first_holder() -> None:
@@ -364,15 +398,16 @@ def test_oracle_trades_cache_for_queue() -> None:
     assert len({r.engine for r in recs2[1:]}) == 3
 
 
-def test_candidate_sees_its_own_in_flight_routing() -> None:
-    pol = P.OursCandidate()
+def test_ours_sees_its_own_in_flight_routing() -> None:
+    pol = P.Ours()
     sim = bare_sim(pol)
     p = prompt(6000)
     first = pol.route(SimRequest(0, p, 5), sim)
     sim.inflight[first] += 1
-    # The controller does not know yet (prefill not finished); the proxy's memory does.
+    # The controller does not know yet (prefill not finished); the proxy's index does.
     assert sim.controller.lookup_chunks(p.chunks, 0.0) == {}
     assert pol.route(SimRequest(1, FACTORY.extend(p, tokens(200, 3)), 5), sim) == first
+    assert sim.reason == "cache-hit"
 
 
 # --- the key test ---------------------------------------------------------------------------

@@ -72,3 +72,25 @@ def test_cost_policy_prefers_a_second_holder_when_the_first_is_busy() -> None:
     c = choose({"e1": 1024, "e2": 768}, IDS, {"e1": 5, "e2": 0, "e3": 0}, lb, 1100,
                PolicyParams("cost", 256))
     assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e2", "cache-hit", 768)
+
+
+def test_token_load_replaces_request_counts() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    p = PolicyParams()  # load in tokens
+    # e1 holds 2048 of 2500 tokens but has 3000 tokens of prefill queued: the cold e2 (no
+    # queue) costs 2500 < 452 + 3000. In requests, e1 (1 in flight) would keep it.
+    c = choose({"e1": 2048}, IDS, {"e1": 1, "e2": 5, "e3": 5}, lb, 2500, p,
+               load_tokens={"e1": 3000, "e2": 0, "e3": 100})
+    assert (c.endpoint_id, c.reason) == ("e2", "cache-spill")
+    c = choose({"e1": 2048}, IDS, {"e1": 1, "e2": 5, "e3": 5}, lb, 2500,
+               PolicyParams(load_unit="requests"), load_tokens={"e1": 3000, "e2": 0, "e3": 100})
+    assert c.endpoint_id == "e1"
+    # A small queue does not outweigh the cached prefix.
+    c = choose({"e1": 2048}, IDS, {}, lb, 2500, p, load_tokens={"e1": 1000, "e2": 0, "e3": 0})
+    assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e1", "cache-hit", 2048)
+    # No match: the balancer picks the least loaded in tokens, not in requests.
+    c = choose({}, IDS, {"e1": 0, "e2": 3, "e3": 3}, lb, 500, p,
+               load_tokens={"e1": 900, "e2": 100, "e3": 200})
+    assert c.endpoint_id == "e2"

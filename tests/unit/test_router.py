@@ -9,7 +9,7 @@ from addon.lmcache import LookupResult
 from addon.policy import EndpointState, LoadBalancer
 from addon.request import LLMRequest, prompt_key
 from addon.resilience import CircuitBreaker, RateLimitedLog, StatusError, UnparsableResponse
-from addon.router import Router
+from addon.router import Decision, Router
 from addon.tokens import TokenCache
 
 IDS = ["e1", "e2"]
@@ -132,3 +132,61 @@ async def test_token_ids_in_request_need_no_tokenizer() -> None:
     request = LLMRequest("/v1/completions", "m", "p", "k", "completion", (), LONG)
     d = await r.route(request)
     assert d.endpoint_id == "e2" and d.token_source == "request"
+
+
+# --- the proxy's own view (prefix index) --------------------------------------------------
+
+
+def ids_req(tokens: tuple[int, ...], key: str = "t") -> LLMRequest:
+    return LLMRequest("/v1/completions", "m", "", key, "completion", token_ids=tokens)
+
+
+async def test_in_flight_prefix_is_merged_before_the_controller_knows() -> None:
+    r = make(FakeLookup(LookupResult({})))
+    first = await r.route(ids_req(LONG))
+    assert first.reason == "round_robin" and len(first.chunks) == 2
+    r.started("f1", first)
+    # The controller still knows nothing (prefill not over); the index does.
+    d = await r.route(ids_req(LONG + (7,) * 300, "t2"))
+    assert (d.endpoint_id, d.reason, d.matched_tokens) == (first.endpoint_id, "cache-hit", 512)
+    assert "chunks" not in d.as_metadata()
+    r.finished("f1", first.endpoint_id)
+    assert r.state.inflight[first.endpoint_id] == 0
+    d = await r.route(ids_req(LONG, "t3"))
+    assert d.reason == "round_robin"  # finished: the controller is the authority again
+
+
+async def test_in_flight_merge_can_be_turned_off() -> None:
+    from addon.policy import PolicyParams
+
+    r = make(FakeLookup(LookupResult({})))
+    r.policy = PolicyParams(track_inflight=False)
+    r.started("f1", await r.route(ids_req(LONG)))
+    assert (await r.route(ids_req(LONG, "t2"))).reason == "round_robin"
+
+
+async def test_token_load_steers_away_from_a_queued_holder() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 512})))
+    big = tuple(range(100_000, 120_000))
+    # 20,000 uncached tokens queued on e1 (no first byte yet): 512 cached tokens there are
+    # not worth waiting behind 10,000 tokens of it.
+    r.started("big", Decision("e1", "round_robin", prompt_tokens=len(big)))
+    d = await r.route(ids_req(LONG))
+    assert (d.endpoint_id, d.reason) == ("e2", "cache-spill")
+    r.first_byte("big")  # its prefill is over: only its decode slot counts now
+    d = await r.route(ids_req(LONG, "t2"))
+    assert (d.endpoint_id, d.reason) == ("e1", "cache-hit")
+
+
+async def test_controller_down_routes_by_recently_finished_prompts() -> None:
+    r = make(FakeLookup(ConnectionRefusedError("down")))
+    first = await r.route(ids_req(LONG))
+    assert first.why == "lookup-unreachable" and first.reason == "round_robin"
+    r.started("f1", first)
+    r.finished("f1", first.endpoint_id)
+    for i in range(3):
+        d = await r.route(ids_req(LONG, f"t{i}"))
+        assert (d.endpoint_id, d.reason, d.matched_tokens) == (
+            first.endpoint_id, "local-hit", 512)
+        assert d.why.startswith(("lookup-", "controller-"))
+    assert r.stats.local_hits == 3

@@ -1,0 +1,222 @@
+"""The proxy's own view of which endpoint holds (or is about to hold) which prompt prefix, and
+how much work each endpoint has queued, in tokens (pure: plain values in, plain values out).
+
+The LMCache controller learns a prefix only after the engine has prefilled it (and its worker
+reported it), so a burst of requests sharing a new prefix would look uncached everywhere and
+be spread over every engine, computing the prefix once per engine. The proxy knows where it
+sent each prompt the moment it routes it: merging that into the controller's answer keeps
+the burst together.
+
+What the proxy can observe of a request, and so all this index is fed:
+
+- route time: the endpoint, the prompt's chunk hashes and how many of its tokens were not
+  cached there (`add`);
+- the first byte of a streamed (SSE) response body: vLLM writes nothing to the body before
+  the first token, so prefill is over (`prefill_done`). A non-streamed response says nothing
+  until it ends, and SSE headers arrive before prefill ends, so neither is used;
+- the end of the response, or an error (`remove`).
+
+The chunk hash here is the proxy's own (blake2b over the token ids); it is only compared with
+itself, never with the controller's.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+
+# LMCache's chunk: the controller never matches less, so neither does the proxy's own view.
+CHUNK_TOKENS = 256
+# A request whose end is never seen (a hook that did not fire) must not pin memory forever:
+# past this many tracked requests the oldest is dropped.
+MAX_TRACKED_REQUESTS = 16384
+
+
+def chunk_hashes(tokens: Sequence[int]) -> tuple[int, ...]:
+    """Chained 64-bit hashes of the full 256-token chunks of `tokens`: hash i covers the
+    whole prefix up to the end of chunk i, so equal hashes mean equal prefixes."""
+    n_full = len(tokens) // CHUNK_TOKENS
+    if n_full == 0:
+        return ()
+    head = tokens[: n_full * CHUNK_TOKENS]
+    # 32-bit ids (every tokenizer's) halve the bytes to hash; struct packs a whole prompt in
+    # one C call, several times faster than array() over a tuple. An id beyond 32 bits
+    # changes the packing, so such a prompt shares no hashes with others: a missed
+    # affinity, never a wrong match.
+    pieces: list[bytes | memoryview] = []
+    for fmt, size in (("i", 4), ("q", 8)):
+        try:
+            buf = memoryview(struct.pack(f"<{len(head)}{fmt}", *head))
+        except struct.error:
+            continue
+        step = CHUNK_TOKENS * size
+        pieces = [buf[i * step : (i + 1) * step] for i in range(n_full)]
+        break
+    if not pieces:
+        pieces = [",".join(str(t) for t in head[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS])
+                  .encode() for i in range(n_full)]
+    out: list[int] = []
+    prev = bytes(8)
+    for piece in pieces:
+        h = blake2b(prev, digest_size=8)
+        h.update(piece)
+        prev = h.digest()
+        out.append(int.from_bytes(prev, "little"))
+    return tuple(out)
+
+
+def leading_match(hashes: Sequence[int], *present: Mapping[int, object]) -> int:
+    """How many leading `hashes` are in any of `present`."""
+    n = 0
+    for h in hashes:
+        if not any(h in p for p in present):
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Tracked:
+    endpoint: str
+    hashes: tuple[int, ...]
+    pending: int  # uncached prompt tokens still counted as prefill work
+
+
+class PrefixIndex:
+    """Per endpoint: a refcount of the chunk hashes of the requests routed there and not
+    finished, their queued prefill, and (optionally) an LRU of recently finished prompts'
+    chunks for when the controller cannot answer.
+
+    Load estimate per endpoint, in prompt tokens: `prefill_share` x the uncached tokens of its
+    requests whose prefill is not known to be over + `request_tokens` per unfinished request.
+    """
+
+    def __init__(
+        self,
+        endpoint_ids: Iterable[str] = (),
+        *,
+        prefill_share: float = 0.5,
+        request_tokens: int = 64,
+        recent_tokens: int = 0,
+        max_tracked: int = MAX_TRACKED_REQUESTS,
+    ) -> None:
+        if prefill_share < 0 or request_tokens < 0 or recent_tokens < 0 or max_tracked < 1:
+            raise ValueError("prefix index knobs must not be negative")
+        self.prefill_share = prefill_share
+        self.request_tokens = request_tokens
+        self.recent_chunks = recent_tokens // CHUNK_TOKENS
+        self.max_tracked = max_tracked
+        self._ids: list[str] = list(endpoint_ids)
+        self._requests: OrderedDict[Hashable, _Tracked] = OrderedDict()
+        self._chunks: dict[str, Counter[int]] = {}
+        self._recent: dict[str, OrderedDict[int, None]] = {}
+        self._pending: dict[str, int] = {}
+        self._count: dict[str, int] = {}
+        self.dropped = 0  # requests forgotten at the max_tracked bound
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    # -- events --------------------------------------------------------------------------
+
+    def add(
+        self, rid: Hashable, endpoint: str, hashes: Sequence[int], uncached_tokens: int
+    ) -> None:
+        """A request was routed to `endpoint`."""
+        if rid in self._requests:
+            self.remove(rid)
+        while len(self._requests) >= self.max_tracked:
+            oldest = next(iter(self._requests))
+            self.remove(oldest, remember=False)
+            self.dropped += 1
+        if endpoint not in self._ids:
+            self._ids.append(endpoint)
+        t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0))
+        self._requests[rid] = t
+        self._chunks.setdefault(endpoint, Counter()).update(t.hashes)
+        self._pending[endpoint] = self._pending.get(endpoint, 0) + t.pending
+        self._count[endpoint] = self._count.get(endpoint, 0) + 1
+
+    def prefill_done(self, rid: Hashable) -> None:
+        """The first byte of the response body arrived: the endpoint has prefilled it."""
+        t = self._requests.get(rid)
+        if t is None or not t.pending:
+            return
+        self._pending[t.endpoint] -= t.pending
+        t.pending = 0
+
+    def remove(self, rid: Hashable, remember: bool = True) -> str | None:
+        """The request ended (answered or failed); its endpoint, if it was tracked."""
+        t = self._requests.pop(rid, None)
+        if t is None:
+            return None
+        e = t.endpoint
+        chunks = self._chunks[e]
+        for h in t.hashes:
+            left = chunks[h] - 1
+            if left > 0:
+                chunks[h] = left
+            else:
+                del chunks[h]
+        self._pending[e] -= t.pending
+        self._count[e] -= 1
+        if remember and self.recent_chunks and t.hashes:
+            recent = self._recent.setdefault(e, OrderedDict())
+            # Deepest first, so the prefix ends up most recent and trimming takes the tails
+            # (a tail without its prefix would never match).
+            for h in reversed(t.hashes):
+                recent[h] = None
+                recent.move_to_end(h)
+            while len(recent) > self.recent_chunks:
+                recent.popitem(last=False)
+        return e
+
+    # -- views ---------------------------------------------------------------------------
+
+    def local_matches(
+        self, hashes: Sequence[int], inflight: bool = True, recent: bool = False
+    ) -> dict[str, int]:
+        """Endpoint -> tokens of the prompt's prefix that requests in flight there carry
+        (`inflight`) or recently finished ones carried (`recent`); no entry for none."""
+        out: dict[str, int] = {}
+        if not hashes:
+            return out
+        for e in self._ids:
+            maps: list[Mapping[int, object]] = []
+            if inflight and e in self._chunks:
+                maps.append(self._chunks[e])
+            if recent and e in self._recent:
+                maps.append(self._recent[e])
+            if not maps:
+                continue
+            n = leading_match(hashes, *maps)
+            if n:
+                out[e] = n * CHUNK_TOKENS
+        return out
+
+    def load(self) -> dict[str, int]:
+        """Endpoint -> estimated queued work in prompt tokens."""
+        return {
+            e: int(self.prefill_share * self._pending.get(e, 0))
+            + self.request_tokens * self._count.get(e, 0)
+            for e in self._ids
+        }
+
+    def inflight(self, endpoint: str) -> int:
+        return self._count.get(endpoint, 0)
+
+    def pending_tokens(self, endpoint: str) -> int:
+        return self._pending.get(endpoint, 0)
+
+
+def merge_matches(*answers: Mapping[str, int]) -> dict[str, int]:
+    """The longest match per endpoint over several views."""
+    out: dict[str, int] = {}
+    for a in answers:
+        for e, n in a.items():
+            if n > out.get(e, 0):
+                out[e] = n
+    return out

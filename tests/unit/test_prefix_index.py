@@ -1,0 +1,94 @@
+"""The proxy's own prefix view: chunk hashes, the in-flight index, its load estimate."""
+
+import pytest
+
+from addon.prefix_index import (
+    CHUNK_TOKENS,
+    PrefixIndex,
+    chunk_hashes,
+    leading_match,
+    merge_matches,
+)
+
+A = tuple(range(1000))  # 3 full chunks
+B = A[:512] + tuple(range(5000, 5600))  # shares A's first 2 chunks
+
+
+def test_chunk_hashes_are_chained_and_only_full_chunks() -> None:
+    assert chunk_hashes(A[:255]) == ()
+    ha, hb = chunk_hashes(A), chunk_hashes(B)
+    assert len(ha) == 3 and len(hb) == 4
+    assert ha[:2] == hb[:2] and ha[2] != hb[2]
+    # Chained: the same chunk after a different prefix hashes differently.
+    shifted = tuple(range(7, 7 + CHUNK_TOKENS)) + A[CHUNK_TOKENS:768]
+    assert chunk_hashes(shifted)[1] != ha[1]
+    assert chunk_hashes(list(A)) == ha  # lists and tuples alike
+    assert len(chunk_hashes([2**70] * 256)) == 1  # odd ids still hash
+
+
+def test_local_matches_follow_routing_and_finish() -> None:
+    idx = PrefixIndex(["e1", "e2"])
+    ha, hb = chunk_hashes(A), chunk_hashes(B)
+    assert idx.local_matches(hb) == {}
+    idx.add("r1", "e1", ha, 1000)
+    assert idx.local_matches(hb) == {"e1": 512}
+    assert idx.local_matches(ha) == {"e1": 768}
+    idx.add("r2", "e1", ha, 0)
+    idx.remove("r1")
+    assert idx.local_matches(ha) == {"e1": 768}  # refcounted: r2 still carries it
+    assert idx.remove("r2") == "e1"
+    assert idx.local_matches(ha) == {} and len(idx) == 0
+    assert idx.remove("r2") is None  # a second end is harmless
+
+
+def test_load_is_queued_prefill_share_plus_per_request_tokens() -> None:
+    idx = PrefixIndex(["e1", "e2"], prefill_share=0.5, request_tokens=64)
+    idx.add("r1", "e1", (), 1000)
+    idx.add("r2", "e1", (), 200)
+    assert idx.load() == {"e1": 600 + 128, "e2": 0}
+    idx.prefill_done("r1")
+    idx.prefill_done("r1")  # once only
+    assert idx.load()["e1"] == 100 + 128
+    idx.remove("r2")
+    assert idx.load()["e1"] == 64
+    idx.remove("r1")
+    assert idx.load() == {"e1": 0, "e2": 0}
+
+
+def test_recent_memory_is_a_bounded_lru_used_only_on_request() -> None:
+    idx = PrefixIndex(["e1"], recent_tokens=3 * CHUNK_TOKENS)
+    ha, hb = chunk_hashes(A), chunk_hashes(B)
+    idx.add("r1", "e1", ha, 0)
+    idx.remove("r1")
+    assert idx.local_matches(ha) == {}
+    assert idx.local_matches(ha, recent=True) == {"e1": 768}
+    idx.add("r2", "e1", hb, 0)
+    idx.remove("r2")  # 2 new chunks in a 3-chunk memory: tails go first
+    assert idx.local_matches(hb, recent=True) == {"e1": 768}
+    assert idx.local_matches(ha, recent=True) == {"e1": 512}  # A's tail was trimmed
+    off = PrefixIndex(["e1"], recent_tokens=0)
+    off.add("r", "e1", ha, 0)
+    off.remove("r")
+    assert off.local_matches(ha, recent=True) == {}
+
+
+def test_tracked_requests_are_bounded() -> None:
+    idx = PrefixIndex(["e1"], max_tracked=2)
+    for i in range(5):
+        idx.add(i, "e1", chunk_hashes(A), 100)
+    assert len(idx) == 2 and idx.dropped == 3
+    assert idx.inflight("e1") == 2 and idx.pending_tokens("e1") == 200
+
+
+def test_re_adding_a_request_replaces_it() -> None:
+    idx = PrefixIndex(["e1", "e2"])
+    idx.add("r", "e1", chunk_hashes(A), 100)
+    idx.add("r", "e2", chunk_hashes(A), 50)
+    assert idx.inflight("e1") == 0 and idx.local_matches(chunk_hashes(A)) == {"e2": 768}
+
+
+def test_helpers() -> None:
+    assert leading_match([1, 2, 3], {1: 1}, {2: 1}) == 2
+    assert merge_matches({"a": 256, "b": 512}, {"a": 768}) == {"a": 768, "b": 512}
+    with pytest.raises(ValueError):
+        PrefixIndex(prefill_share=-1)
