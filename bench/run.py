@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=SimConfig.max_batch)
     ap.add_argument("--block-size", type=int, default=SimConfig.block_size)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--sweeps", action="store_true",
+                    help="also sweep the addon's routing knobs (how the defaults were chosen)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = args.out if args.out is not None else (None if args.quick else Path("docs"))
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The sweeps of the addon's knobs run where they matter: at the highest load round
     # robin still sustains and at its saturation point.
     sweep_keys: list[RunKey] = []
-    for w in workloads:
+    for w in workloads if args.sweeps else []:
         sat = report.saturation(w, results)
         for level in sorted({lv for lv in (sat.below, sat.at) if lv is not None}):
             for name in sweep_names():

@@ -1,0 +1,540 @@
+"""``scripts/doctor``: say, in plain words, what will stop cache-aware routing from working.
+
+Point it at a config (``--config config.yaml``; the controller, endpoints, tokenizer and
+model come from there, each overridable by a flag) and it checks, in order:
+
+1. the controller answers ``/lookup``, in a shape the addon reads, and which LMCache
+   version that shape belongs to (0.5.x arrays, Pixiu's mock objects, 0.3.0 bodies);
+2. the instance ids the controller knows equal the configured endpoint ids (otherwise a
+   match names an instance no endpoint has, and no request is ever routed by cache);
+3. ``/tokenize`` answers for the model (the addon needs the prompt's tokens);
+4. a real prompt, tokenized by the engine and served once (``--no-warmup`` to skip), is
+   then found by ``/lookup`` (if not, controller and workers hash chunks differently:
+   the PYTHONHASHSEED pitfall), and is at least one 256-token chunk long;
+5. the cache-management settings: ``/evict`` (absent from every LMCache release) and
+   ``compress_method`` (workers only know cachegen).
+
+Exit status: 0 when routing can work (warnings allowed), 1 when it cannot, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from addon.config import ConfigError, KVCacheConfig, load_config_file
+from addon.lmcache import LMCache, parse_lookup
+from addon.resilience import StatusError, UnparsableResponse
+
+CHUNK = 256
+Status = Literal["ok", "info", "warn", "fail"]
+
+# Long enough (~400 tokens with any real tokenizer) to fill at least one 256-token chunk.
+DEFAULT_PROMPT = " ".join(
+    [
+        "You are a careful assistant for an engineering team that runs language models",
+        "behind a caching proxy. The proxy sends each request to the server that already",
+        "holds the longest part of its prompt in its key-value cache, so that the server",
+        "can skip recomputing it. This paragraph is only a probe sent by the doctor: it is",
+        "long enough to fill more than one cache chunk of two hundred and fifty-six tokens,",
+        "and the same text is looked up afterwards to see whether the cache controller",
+        "reports it.",
+    ]
+    * 4
+)
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    message: str
+    fix: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    controller: str
+    endpoints: dict[str, str]  # id -> base URL
+    tokenizer: str
+    model: str
+    config: KVCacheConfig | None
+
+
+class Doctor:
+    def __init__(self, target: Target, prompt: str, *, warmup: bool, timeout: float,
+                 settle: float, prompt_given: bool) -> None:
+        self.t = target
+        self.prompt = prompt
+        self.prompt_given = prompt_given
+        self.warmup = warmup
+        self.timeout = timeout
+        self.settle = settle
+        self.checks: list[Check] = []
+        self.http = httpx.Client(timeout=timeout)
+        self.lm = LMCache(target.controller)
+
+    def add(self, name: str, status: Status, message: str, fix: str = "",
+            **data: Any) -> Check:
+        c = Check(name, status, message, fix, data)
+        self.checks.append(c)
+        return c
+
+    def close(self) -> None:
+        self.http.close()
+        self.lm.close()
+
+    # -- the checks --
+
+    def run(self) -> list[Check]:
+        shape = self.check_controller()
+        known: set[str] | None = None
+        if shape is not None:
+            known = self.check_instances(shape)
+        tokens = self.check_tokenize()
+        # With no worker registered every lookup is empty: that is already a FAIL.
+        if shape is not None and tokens is not None and known != set():
+            self.check_lookup(tokens, known)
+        if shape is not None:
+            self.check_management(shape)
+        return self.checks
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self.http.post(self.t.controller + path, json=body)
+
+    def check_controller(self) -> str | None:
+        """Returns the shape's version label, or None when the controller is unusable."""
+        url = self.t.controller
+        try:
+            r = self._post("/lookup", {"tokens": list(range(1000, 1000 + CHUNK))})
+        except httpx.TimeoutException:
+            self.add("controller", "fail", f"The LMCache controller at {url} did not answer "
+                     f"/lookup within {self.timeout:g} s.",
+                     "Check that lmcache_controller runs there and is not stalled; every "
+                     "lookup would time out and no request would be routed by cache.")
+            return None
+        except httpx.HTTPError as e:
+            self.add("controller", "fail", f"Cannot reach the LMCache controller at {url} "
+                     f"({type(e).__name__}: {e}).",
+                     "Start it (lmcache_controller --host H --port P --monitor-ports "
+                     "'{\"pull\": X, \"reply\": Y}') or fix lmcache_endpoint / --controller.")
+            return None
+        if r.status_code != 200:
+            hint = " (no /lookup route: this is not an LMCache controller)" \
+                if r.status_code == 404 else ""
+            self.add("controller", "fail", f"The controller at {url} answered /lookup with "
+                     f"HTTP {r.status_code}{hint}: {r.text[:160]!r}.",
+                     "Point lmcache_endpoint at the controller's HTTP API (--port of "
+                     "lmcache_controller).")
+            return None
+        try:
+            body = r.json()
+        except ValueError:
+            self.add("controller", "fail", f"The controller at {url} answered /lookup with "
+                     f"something that is not JSON: {r.text[:80]!r}.",
+                     "A proxy or another service may be answering on that port.")
+            return None
+        try:
+            parse_lookup(body)
+        except UnparsableResponse as e:
+            self.add("controller", "fail", f"The controller's /lookup answer has a shape the "
+                     f"addon cannot read ({e}): {json.dumps(body)[:160]}.",
+                     "Use LMCache >= 0.3.13 (0.5.x recommended).", body=body)
+            return None
+        version = "0.3.0" if "event_id" not in body else "0.5.x"
+        if version == "0.3.0":
+            self.add("controller", "warn", f"The controller at {url} answers with LMCache "
+                     "0.3.0 bodies (no event_id). Lookups are read, so routing works, but "
+                     "/pin and /clear take a `locations` list there, /compress always fails "
+                     "and no answer carries num_tokens: pinning and compression do nothing "
+                     "useful.", "Upgrade LMCache to 0.5.x.", version=version)
+        else:
+            self.add("controller", "ok", f"The controller at {url} answers /lookup "
+                     "(LMCache 0.5.x bodies with event_id).", version=version)
+        return version
+
+    def _known_instances(self) -> tuple[set[str] | None, str]:
+        """Instance ids the controller knows, and how that was found out."""
+        found: set[str] = set()
+        how = "/health per configured id"
+        # GET /controller/workers reads the registry as it is now; /query_worker_info "all"
+        # is a cache refreshed about every 30 s (an instance that registered since is
+        # missing), and 0.3.0 has neither. /health then covers each configured id.
+        r = self.http.get(self.t.controller + "/controller/workers")
+        if r.status_code == 200 and isinstance(r.json().get("workers"), list):
+            found = {str(w.get("instance_id")) for w in r.json()["workers"]}
+            how = "/controller/workers"
+        else:
+            r = self._post("/query_worker_info", {"instance_id": "all", "worker_ids": None})
+            if r.status_code == 200 and isinstance(r.json().get("worker_infos"), list):
+                found = {str(w.get("instance_id")) for w in r.json()["worker_infos"]}
+                how = "/query_worker_info"
+        for iid in self.t.endpoints:
+            if iid in found:
+                continue
+            # Asking about one instance reads the registry directly (the lists above are
+            # cached for ~30 s in 0.5.6) and, unlike /health, never waits on its worker.
+            q = self._post("/query_worker_info", {"instance_id": iid, "worker_ids": None})
+            if q.status_code == 200:
+                if q.json().get("worker_infos"):
+                    found.add(iid)
+                continue
+            h = self._post("/health", {"instance_id": iid})
+            if h.status_code != 200:
+                continue
+            data = h.json()
+            if data.get("error_codes") or data.get("alive") is True:
+                found.add(iid)
+        return found, how
+
+    def check_instances(self, version: str) -> set[str] | None:
+        try:
+            known, how = self._known_instances()
+        except (httpx.HTTPError, ValueError, AttributeError) as e:
+            self.add("instance_ids", "warn", f"Could not ask the controller which instances "
+                     f"it knows ({type(e).__name__}: {e}).")
+            return None
+        assert known is not None
+        configured = list(self.t.endpoints)
+        matching = [i for i in configured if i in known]
+        unknown = [i for i in configured if i not in known]
+        extra = sorted(known - set(configured))
+        data = {"configured": configured, "known": sorted(known), "source": how}
+        if not known:
+            self.add("instance_ids", "fail", "No LMCache worker is registered with the "
+                     "controller, so every lookup is empty and no request is routed by cache.",
+                     "Start vLLM with the LMCache connector and controller enabled "
+                     "(enable_controller: true, lmcache_instance_id, controller_pull_url / "
+                     "controller_reply_url = the controller's --monitor-ports).", **data)
+            return known
+        if not matching:
+            self.add("instance_ids", "fail",
+                     "Endpoint ids do not match the controller's instance ids: the controller "
+                     f"knows {_names(sorted(known))}; the config's endpoints are "
+                     f"{_names(configured)}. A lookup names the instance that holds a prefix "
+                     "and no endpoint has that id, so no request is ever routed by cache.",
+                     "Set each endpoint's `id` to its vLLM server's lmcache_instance_id "
+                     f"(e.g. id: {sorted(known)[0]}). The controller's list of all workers "
+                     "is cached for ~30 s: a server that just registered may be missing.",
+                     **data)
+            return known
+        if unknown:
+            self.add("instance_ids", "warn", f"Endpoint(s) {_names(unknown)} are not known to "
+                     "the controller: requests are never routed to them by cache (only by "
+                     f"load balancing). The controller knows {_names(sorted(known))}.",
+                     "Set those endpoints' `id` to their servers' lmcache_instance_id, or "
+                     "enable the LMCache controller on those servers.", **data)
+        else:
+            self.add("instance_ids", "ok", f"Every endpoint id is a controller instance id "
+                     f"({_names(configured)}).", **data)
+        if extra:
+            self.add("instance_ids_extra", "info", f"The controller also knows "
+                     f"{_names(extra)}, which no endpoint names: their caches are never used "
+                     "for routing.", **data)
+        return known
+
+    def check_tokenize(self) -> list[int] | None:
+        url, model = self.t.tokenizer, self.t.model
+        body: dict[str, Any] = {"prompt": self.prompt}
+        if model:
+            body["model"] = model
+        try:
+            r = self.http.post(f"{url}/tokenize", json=body)
+        except httpx.HTTPError as e:
+            self.add("tokenize", "fail", f"Cannot reach {url}/tokenize ({type(e).__name__}: "
+                     f"{e}). The addon needs the prompt's tokens to look it up, so no "
+                     "request is routed by cache.",
+                     "Set vllm_endpoint (or --tokenizer) to a running vLLM server.")
+            return None
+        if r.status_code == 404:
+            detail = _vllm_error(r)
+            if "model" in detail.lower():
+                models = self._models(url)
+                self.add("tokenize", "fail", f"{url}/tokenize does not know the model "
+                         f"{model!r} (404: {detail}). Every tokenization fails, so no request "
+                         "is routed by cache.",
+                         f"Set default_model (or --model) to one of {_names(models)}."
+                         if models else "Set default_model (or --model) to the served model.",
+                         models=models)
+            else:
+                self.add("tokenize", "fail", f"{url} has no /tokenize (404). Is this a vLLM "
+                         "server?", "Point vllm_endpoint at a vLLM OpenAI server.")
+            return None
+        if r.status_code != 200:
+            self.add("tokenize", "fail", f"{url}/tokenize answered HTTP {r.status_code}: "
+                     f"{_vllm_error(r) or r.text[:160]!r}.")
+            return None
+        try:
+            tokens = r.json()["tokens"]
+            if not all(isinstance(t, int) for t in tokens):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self.add("tokenize", "fail", f"{url}/tokenize answered without a token list.")
+            return None
+        self.add("tokenize", "ok", f"{url}/tokenize answers ({len(tokens)} tokens for the "
+                 f"probe prompt{f', model {model}' if model else ''}).", tokens=len(tokens))
+        if len(tokens) < CHUNK:
+            who = "Your prompt" if self.prompt_given else "The probe prompt"
+            self.add("prompt_length", "warn", f"{who} is {len(tokens)} tokens: prompts "
+                     f"shorter than {CHUNK} tokens never match (LMCache caches and looks up "
+                     f"whole {CHUNK}-token chunks), so they are never routed by cache.",
+                     "Expect cache routing only for long shared prefixes (system prompts, "
+                     "documents, conversations).", tokens=len(tokens))
+        return tokens
+
+    def _models(self, url: str) -> list[str]:
+        try:
+            data = self.http.get(f"{url}/v1/models").json()["data"]
+            return [str(m["id"]) for m in data]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return []
+
+    def _warm(self, known: set[str] | None) -> str | None:
+        """Serve the prompt once on a configured endpoint the controller knows."""
+        # Prefer an endpoint the controller knows; with none (an id mismatch) any endpoint
+        # still shows under which id its server stores the prompt.
+        ids = [i for i in self.t.endpoints if known is not None and i in known]
+        iid = (ids or list(self.t.endpoints))[0]
+        body: dict[str, Any] = {"prompt": self.prompt, "max_tokens": 1}
+        if self.t.model:
+            body["model"] = self.t.model
+        try:
+            r = self.http.post(f"{self.t.endpoints[iid]}/v1/completions", json=body,
+                               timeout=max(self.timeout, 30.0))
+        except httpx.HTTPError as e:
+            self.add("warmup", "warn", f"Could not send the probe prompt to {iid} "
+                     f"({type(e).__name__}: {e}).")
+            return None
+        if r.status_code != 200:
+            self.add("warmup", "warn", f"{iid} answered the probe prompt with HTTP "
+                     f"{r.status_code}: {_vllm_error(r) or r.text[:120]!r}.")
+            return None
+        return iid
+
+    def check_lookup(self, tokens: list[int], known: set[str] | None) -> None:
+        if len(tokens) < CHUNK:
+            return
+        served = self._warm(known) if self.warmup else None
+        # The served endpoint's id is its instance id only if the controller knows it (an
+        # id mismatch hides under which id the prompt got stored).
+        target = served if served and known and served in known else None
+        deadline = time.monotonic() + (self.settle if served else 0.0)
+        while True:
+            try:
+                res = self.lm.lookup(tokens, self.timeout)
+            except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
+                self.add("lookup", "fail", f"/lookup with the prompt's {len(tokens)} tokens "
+                         f"failed ({type(e).__name__}: {e}).")
+                return
+            # After a warm-up only the served instance's match tells whether its hashes
+            # agree with the controller's; others may hold the prompt from earlier runs.
+            done = (target in res.matches) if target else bool(res.matches)
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if res.matches and (not target or target in res.matches):
+            best = max(res.matches, key=lambda i: res.matches[i])
+            routable = best in self.t.endpoints
+            self.add("lookup", "ok" if routable else "warn",
+                     f"A lookup of the {len(tokens)}-token prompt matches "
+                     + ", ".join(f"{i}: {n} tokens" for i, n in sorted(res.matches.items()))
+                     + ("" if routable else f"; {best} is no configured endpoint"),
+                     matches=res.matches)
+            self._layout_note(tokens)
+            return
+        if served:
+            where = ("nowhere" if not res.matches else "only on " + ", ".join(sorted(res.matches))
+                     + " (which held it before)")
+            self.add("lookup", "fail", f"The probe prompt ({len(tokens)} tokens) was served "
+                     f"by {served}, yet /lookup finds it {where} after {self.settle:g} s. The "
+                     "workers register and report chunks, but the controller hashes the "
+                     "tokens differently: a chunk-hash seed mismatch (PYTHONHASHSEED differs "
+                     "between the controller and the vLLM servers), or the servers do not "
+                     "store to LMCache. Every lookup will come back empty.",
+                     "Start lmcache_controller and every vLLM server with the same "
+                     "PYTHONHASHSEED (e.g. export PYTHONHASHSEED=0) and the same "
+                     "pre_caching_hash_algorithm; check that vLLM runs the LMCache connector.",
+                     tokens=len(tokens))
+        elif self.warmup:
+            pass  # _warm has said why the prompt could not be served
+        else:
+            self.add("lookup", "info", f"No instance holds the {len(tokens)}-token probe "
+                     "prompt (it was not sent: --no-warmup). Whether hashes agree is "
+                     "untested.", "Run without --no-warmup to serve it once and look again.",
+                     tokens=len(tokens))
+
+    def _layout_note(self, tokens: list[int]) -> None:
+        try:
+            body = self._post("/lookup", {"tokens": tokens}).json()
+            value = next(iter(body["layout_info"].values()))
+        except (httpx.HTTPError, ValueError, KeyError, StopIteration):
+            return
+        if isinstance(value, dict):
+            self.add("layout", "warn", "layout_info values are objects {\"0\": location, "
+                     "\"1\": tokens}: the shape of Pixiu's sample mock, not of any LMCache "
+                     "release (which sends arrays). The addon reads both.",
+                     "If this is the Pixiu mock, switch to a real lmcache_controller.",
+                     layout="object")
+        else:
+            self.add("layout", "ok", "layout_info values are [location, tokens] arrays "
+                     "(LMCache 0.5.x).", layout="array")
+
+    def check_management(self, version: str) -> None:
+        cfg = self.t.config
+        strategy = cfg.cache_strategy if cfg else None
+        try:
+            has_evict = self.lm.has_evict(self.timeout)
+        except (httpx.HTTPError, StatusError) as e:
+            self.add("evict", "warn", f"Could not probe /evict ({type(e).__name__}: {e}).")
+            has_evict = None
+        if has_evict is False:
+            if strategy and strategy.enable_eviction and not strategy.eviction_clear_fallback:
+                self.add("evict", "warn", "enable_eviction is on, but the controller has no "
+                         "/evict (no LMCache release has one): nothing will ever be evicted.",
+                         "Set cache_strategy.eviction_clear_fallback: true to use /clear "
+                         "instead (drops everything at that location), or turn eviction off.")
+            else:
+                self.add("evict", "info", "The controller has no /evict (as in every LMCache "
+                         "release); the addon does not need it with this config.")
+        elif has_evict:
+            self.add("evict", "ok", "The controller serves /evict (a Pixiu-mock extension).")
+        if strategy and strategy.compress_method != "cachegen":
+            self.add("compress_method", "warn" if strategy.enable_compression else "info",
+                     f"compress_method is {strategy.compress_method!r}: LMCache workers only "
+                     "implement 'cachegen'; any other method compresses 0 tokens.",
+                     "Set cache_strategy.compress_method: cachegen.")
+
+
+def _names(ids: Sequence[str]) -> str:
+    return ", ".join(ids) if ids else "(none)"
+
+
+def _vllm_error(r: httpx.Response) -> str:
+    try:
+        err = r.json().get("error", {})
+        return str(err.get("message", "")) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        return ""
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/doctor",
+        description="Check an LMCache controller, vLLM servers and a mitmproxy-kvcache "
+        "config for everything that would stop cache-aware routing.",
+    )
+    p.add_argument("--config", help="the addon's config.yaml")
+    p.add_argument("--controller", help="LMCache controller URL (overrides lmcache_endpoint)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="ID=URL",
+                   help="a vLLM endpoint; repeat for each (replaces the config's endpoints)")
+    p.add_argument("--tokenizer", help="vLLM server for /tokenize (overrides vllm_endpoint)")
+    p.add_argument("--model", help="model name for /tokenize (overrides default_model)")
+    p.add_argument("--prompt", help="a prompt of yours to check (default: a built-in probe)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="do not serve the prompt once before looking it up")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to wait for a served prompt to reach the controller")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> Target | Check:
+    cfg: KVCacheConfig | None = None
+    if args.config:
+        try:
+            cfg = load_config_file(args.config)
+        except ConfigError as e:
+            return Check("config", "fail", f"The config cannot be loaded: {e}.",
+                         "Fix the key named above; the proxy refuses this config too.")
+    endpoints: dict[str, str] = {}
+    for spec in args.endpoint:
+        iid, sep, url = spec.partition("=")
+        if not sep or not iid or not url.startswith(("http://", "https://")):
+            p.error(f"--endpoint {spec!r}: expected ID=http://host:port")
+        endpoints[iid] = url.rstrip("/")
+    if not endpoints and cfg:
+        endpoints = {ep.id: ep.url for ep in cfg.endpoints}
+    controller = args.controller or (cfg.lmcache_endpoint if cfg else "")
+    if not controller or not endpoints:
+        p.error("give --config, or --controller and at least one --endpoint ID=URL")
+    tokenizer = args.tokenizer or (cfg.vllm_endpoint if cfg and not args.endpoint else "")
+    tokenizer = tokenizer or next(iter(endpoints.values()))
+    model = args.model if args.model is not None else (cfg.default_model if cfg else "")
+    return Target(controller.rstrip("/"), endpoints, tokenizer.rstrip("/"), model, cfg)
+
+
+_MARK = {"ok": "[ok]  ", "info": "[info]", "warn": "[WARN]", "fail": "[FAIL]"}
+
+
+def render(target: Target | None, checks: list[Check]) -> str:
+    lines = ["mitmproxy-kvcache doctor"]
+    if target is not None:
+        lines += [
+            f"  controller  {target.controller}",
+            "  endpoints   " + ", ".join(f"{i}={u}" for i, u in target.endpoints.items()),
+            f"  tokenizer   {target.tokenizer}"
+            + (f" (model {target.model})" if target.model else ""),
+        ]
+    lines.append("")
+    for c in checks:
+        lines.append(f"{_MARK[c.status]} {c.message}")
+        if c.fix and c.status in ("warn", "fail"):
+            lines.append(f"       fix: {c.fix}")
+    fails = sum(c.status == "fail" for c in checks)
+    warns = sum(c.status == "warn" for c in checks)
+    lines.append("")
+    if fails:
+        lines.append(f"Routing by cache cannot work: {fails} problem(s) marked FAIL.")
+    elif warns:
+        lines.append(f"Routing by cache can work; {warns} warning(s).")
+    else:
+        lines.append("Routing by cache can work.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    got = _target(args, p)
+    target: Target | None = None
+    if isinstance(got, Check):
+        checks = [got]
+    else:
+        target = got
+        doctor = Doctor(target, args.prompt or DEFAULT_PROMPT, warmup=not args.no_warmup,
+                        timeout=args.timeout, settle=args.settle,
+                        prompt_given=args.prompt is not None)
+        try:
+            checks = doctor.run()
+        finally:
+            doctor.close()
+    ok = not any(c.status == "fail" for c in checks)
+    if args.json:
+        out = {
+            "ok": ok,
+            "target": None if target is None else {
+                "controller": target.controller, "endpoints": target.endpoints,
+                "tokenizer": target.tokenizer, "model": target.model,
+            },
+            "checks": [asdict(c) for c in checks],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(target, checks))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

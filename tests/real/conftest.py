@@ -1,0 +1,147 @@
+"""The real tier: a real LMCache 0.5.6 controller (own venv) fed by sim/lmcache_worker.py.
+
+Skipped unless KVCACHE_REAL=1. With KVCACHE_REAL=1 a failed install or a controller that
+does not start FAILS the run: a CI job that asked for the real tier must not go green on
+skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sim.lmcache_worker import WorkerShim  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "real" / "lmcache.sh"
+REAL = os.environ.get("KVCACHE_REAL") == "1"
+SKIP_REASON = (
+    "real tier off: set KVCACHE_REAL=1 to run it (installs lmcache==0.5.6 into its own venv "
+    "at $KVCACHE_REAL_HOME/lmcache-venv, ~2 min and ~1.9 GB the first time)"
+)
+HASHSEED = os.environ.get("KVCACHE_REAL_HASHSEED", "0")
+LOCATION = "LocalCPUBackend"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if REAL:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(skip)
+
+
+def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 1800) -> str:
+    proc = subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        pytest.fail(f"{SCRIPT.name} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def lmcache_python() -> str:
+    """The lmcache venv's python, installing the venv on first use (fails, never skips)."""
+    _script("install")
+    info = dict(
+        line.split("=", 1) for line in _script("info").splitlines() if "=" in line
+    )
+    return info["PYTHON"]
+
+
+@dataclass(frozen=True)
+class RealController:
+    url: str
+    pull: str
+    reply: str
+    log: Path
+
+
+@contextlib.contextmanager
+def real_controller(state_dir: Path) -> Iterator[RealController]:
+    """A controller of its own (own ports, own state dir), stopped on exit."""
+    env = {"KVCACHE_REAL_STATE": str(state_dir), "KVCACHE_REAL_HASHSEED": HASHSEED}
+    out = _script("start", env=env, timeout=180)
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    try:
+        yield RealController(
+            url=kv["URL"],
+            pull=f"127.0.0.1:{kv['PULL_PORT']}",
+            reply=f"127.0.0.1:{kv['REPLY_PORT']}",
+            log=Path(kv["LOG"]),
+        )
+    finally:
+        _script("stop", env=env, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def controller(lmcache_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+    RealController
+]:
+    # One per module: a stalled worker wedges the controller's socket to it for good.
+    with real_controller(tmp_path_factory.mktemp("lmcache-run")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def shim(
+    lmcache_python: str, controller: RealController, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerShim]:
+    err = tmp_path_factory.mktemp("shim") / "shim.stderr"
+    with WorkerShim(lmcache_python, controller.pull, controller.reply, hashseed=HASHSEED,
+                    stderr_path=err) as s:
+        yield s
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def fresh_tokens(n: int) -> list[int]:
+    """Tokens no other test uses, so chunk hashes never collide across tests."""
+    base = uuid.uuid4().int % 1_000_000 * 1000 + 10_000
+    return list(range(base, base + n))
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``check`` until truthy: admit/evict go over a PUSH socket with no ack."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
+
+
+def key_count(url: str, instance_id: str) -> int:
+    r = httpx.get(f"{url}/controller/workers", params={"instance_id": instance_id}, timeout=5)
+    if r.status_code != 200:
+        return -1
+    return sum(int(w.get("key_count", 0)) for w in r.json()["workers"])
+
+
+def settle(url: str, shim: WorkerShim, instance_id: str) -> None:
+    """Wait until the controller has applied every admit/evict the shim sent."""
+    want = sum(len(v) for v in shim.held(instance_id).values())
+    wait_until(lambda: key_count(url, instance_id) == want, what=f"{instance_id} keys == {want}")

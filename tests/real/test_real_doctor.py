@@ -1,0 +1,123 @@
+"""scripts/doctor against a REAL lmcache 0.5.6 controller (KVCACHE_REAL=1).
+
+The vLLM side is a small stand-in: /tokenize and /v1/models from the sim tokenizer, and a
+/v1/completions that, like a vLLM server with the LMCache connector, has its worker (the
+shim) report the prompt's chunks to the real controller under its own instance id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import FastAPI
+
+from sim import doctor, tokenizer
+from sim.cluster import serve_app
+from sim.doctor import DEFAULT_PROMPT
+from sim.lmcache_worker import WorkerShim
+from tests.real.conftest import RealController, unique
+
+pytestmark = pytest.mark.real_lmcache
+MODEL = "sim-model"
+
+
+@contextlib.contextmanager
+def fake_vllm(shim: WorkerShim, instance_id: str) -> Iterator[str]:
+    app = FastAPI()
+
+    @app.post("/tokenize")
+    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+        toks = tokenizer.encode(body["prompt"], True)
+        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.post("/v1/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        shim.admit(instance_id, tokenizer.encode(body["prompt"], True))
+        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
+
+    with serve_app(app) as url:
+        yield url
+
+
+def _prompt() -> list[str]:
+    # Chunk hashes chain from the start: a unique first word keeps earlier tests' cached
+    # copies of the probe from matching (the controller reports the first-registered holder).
+    return ["--prompt", f"{unique('probe')} {DEFAULT_PROMPT}"]
+
+
+def _config(tmp_path: Path, controller: str, endpoints: dict[str, str]) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "lmcache_endpoint": controller, "default_model": MODEL,
+        "endpoints": [{"id": i, "url": u} for i, u in endpoints.items()],
+    }))
+    return str(path)
+
+
+def test_doctor_healthy(controller: RealController, shim: WorkerShim, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    inst = unique("doc-ok")
+    shim.register(inst)
+    with fake_vllm(shim, inst) as eng:
+        code = doctor.main([*_prompt(), "--config",
+                            _config(tmp_path, controller.url, {inst: eng})])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"matches {inst}: 256 tokens" in out, out
+    assert "layout_info values are [location, tokens] arrays" in out
+
+
+def test_doctor_names_an_endpoint_id_mismatch(
+    controller: RealController, shim: WorkerShim, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inst = unique("doc-real")
+    shim.register(inst)
+    with fake_vllm(shim, inst) as eng:
+        code = doctor.main([*_prompt(), "--config",
+                            _config(tmp_path, controller.url, {"gpu-0": eng})])
+    out = capsys.readouterr().out
+    print(out)  # shown with -s: the text pasted into the README
+    assert code == 1
+    assert "[FAIL] Endpoint ids do not match the controller's instance ids" in out
+    assert "gpu-0" in out  # the controller's full list is cached, so inst may lag
+    assert f"{inst} is no configured endpoint" in out  # the warm-up landed under its real id
+
+
+def test_doctor_finds_a_hash_seed_mismatch(
+    controller: RealController, shim: WorkerShim, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inst = unique("doc-seed")
+    shim.register(inst, hash_seed=99)  # as a vLLM started under another PYTHONHASHSEED
+    with fake_vllm(shim, inst) as eng:
+        code = doctor.main([*_prompt(), "--settle", "2", "--config",
+                            _config(tmp_path, controller.url, {inst: eng})])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "chunk-hash seed mismatch" in out
+
+
+def test_doctor_with_a_stalled_worker_does_not_hang(
+    controller: RealController, shim: WorkerShim, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inst = unique("doc-stall")
+    shim.register(inst)
+    shim.silence(inst)
+    with fake_vllm(shim, inst) as eng:
+        # The controller lists the worker (registry read), so /health is not needed; the
+        # run must finish on its own timeouts either way.
+        code = doctor.main([*_prompt(), "--timeout", "2", "--settle", "1", "--config",
+                            _config(tmp_path, controller.url, {inst: eng})])
+    out = capsys.readouterr().out
+    assert code == 0, out
