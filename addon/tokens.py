@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from cachetools import TTLCache
 
 
+def _compact(tokens: Iterable[int]) -> array[int]:
+    try:
+        return array("i", tokens)
+    except OverflowError:  # ids past 2**31: no tokenizer has them, but never fail on them
+        return array("q", tokens)
+
+
 class TokenCache:
-    """Prompt key -> token ids, bounded in size and age (LRU within a TTL)."""
+    """Prompt key -> token ids, bounded in size and age (LRU within a TTL).
+
+    Stored as 4-byte ints (a tuple of Python ints costs ~9x more): 4,096 prompts of 10k
+    tokens stay near 160 MB instead of 1.5 GB. Readers get a fresh tuple.
+    """
 
     def __init__(
         self, max_size: int, ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._cache: TTLCache[str, tuple[int, ...]] = TTLCache(max_size, ttl, timer=clock)
+        self._cache: TTLCache[str, array[int]] = TTLCache(max_size, ttl, timer=clock)
         self._lock = threading.Lock()
         self.hits = 0
         self.prefix_hits = 0
@@ -27,11 +39,12 @@ class TokenCache:
 
     def put(self, key: str, tokens: Iterable[int]) -> None:
         with self._lock:
-            self._cache[key] = tuple(tokens)
+            self._cache[key] = _compact(tokens)
 
     def get(self, key: str) -> tuple[int, ...] | None:
         with self._lock:
-            return self._cache.get(key)
+            tokens = self._cache.get(key)
+        return None if tokens is None else tuple(tokens)
 
     def lookup(self, key: str, prefix_keys: Iterable[str] = ()) -> tuple[tuple[int, ...], str]:
         """Tokens of the prompt, or of the longest earlier conversation it extends.
@@ -42,12 +55,12 @@ class TokenCache:
             tokens = self._cache.get(key)
             if tokens is not None:
                 self.hits += 1
-                return tokens, "exact"
+                return tuple(tokens), "exact"
             for pk in prefix_keys:
                 tokens = self._cache.get(pk)
                 if tokens is not None:
                     self.prefix_hits += 1
-                    return tokens, "prefix"
+                    return tuple(tokens), "prefix"
             self.misses += 1
             return (), ""
 

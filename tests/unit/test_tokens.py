@@ -40,3 +40,11 @@ def test_hotness_counts_within_window_and_is_bounded() -> None:
     h.record("x")
     h.record("y")  # only two keys are kept
     assert h.count("k") + h.count("x") + h.count("y") <= 3
+
+
+def test_tokens_are_stored_compactly_and_read_back_whole() -> None:
+    c = TokenCache(10, 60)
+    c.put("a", range(1000))
+    c.put("big", [2**40, 1])
+    assert c.get("a") == tuple(range(1000)) and c.get("big") == (2**40, 1)
+    assert c._cache["a"].itemsize == 4  # not a tuple of Python ints
