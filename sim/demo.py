@@ -207,8 +207,8 @@ def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
         row(f"TTFT p{q} (ms)", off.pct(q) * 1000, on.pct(q) * 1000, ".1f")
     row("throughput (req/s)", off.requests / off.wall_s, on.requests / on.wall_s, ".2f")
     row("output tokens/s", off.output_tokens / off.wall_s, on.output_tokens / on.wall_s, ".0f")
-    row("requests (errors)", off.requests, on.requests, "d", ratio=False)
-    lines.append(f"{'':28}{off.errors:>14}{on.errors:>14}")
+    row("requests answered", off.requests, on.requests, "d", ratio=False)
+    row("errors", off.errors, on.errors, "d", ratio=False)
     ids = sorted(set(off.endpoints) | set(on.endpoints))
     for eid in ids:
         a = off.endpoints[eid] / max(off.requests, 1)
