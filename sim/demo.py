@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from sim.cluster import Cluster, start_cluster
-from sim.proxy import ROOT, command, mitmdump, write_config
+from sim.proxy import ROOT, command, mitmdump, route_info, write_config
 
 MODEL = "sim-model"
 
@@ -122,9 +122,8 @@ async def _user(client: httpx.AsyncClient, w: Workload, uid: int, system: str,
             return
         # Times in model seconds: divide out the time scale.
         result.ttft.append((first - t0) / time_scale)
-        parts = route.split("; ")
-        result.endpoints[parts[0]] += 1
-        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        fields = route_info(route)
+        result.endpoints[fields["endpoint"]] += 1
         reason = fields.get("reason", "")
         if fields.get("why"):
             reason += f" ({fields['why']})"

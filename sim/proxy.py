@@ -32,6 +32,16 @@ class Proxy:
         return "\n".join(self.lines)
 
 
+def route_info(header: str) -> dict[str, str]:
+    """The addon's `x-kvcache-route` header as a dict (the endpoint id under "endpoint")."""
+    head, *rest = header.split("; ")
+    out = {"endpoint": head}
+    for part in rest:
+        k, _, v = part.partition("=")
+        out[k] = v
+    return out
+
+
 def write_config(path: Path, engines: dict[str, str], controller: str, **extra: object) -> Path:
     cfg: dict[str, object] = {
         "lmcache_endpoint": controller,

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import httpx
 
+from sim.proxy import route_info
+
 SYSTEM = " ".join(f"policy{i % 97} clause{i}" for i in range(400))  # ~800+ tokens
 
 
@@ -11,9 +13,4 @@ def chat_body(messages: list[dict[str, str]], model: str = "sim-model", **extra:
 
 def route(resp: httpx.Response) -> dict[str, str]:
     """The x-kvcache-route header as a dict (endpoint under "endpoint")."""
-    head, *rest = resp.headers["x-kvcache-route"].split("; ")
-    out = {"endpoint": head}
-    for part in rest:
-        k, _, v = part.partition("=")
-        out[k] = v
-    return out
+    return route_info(resp.headers["x-kvcache-route"])

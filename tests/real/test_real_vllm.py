@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sim.chunks import chunk_hashes
 from sim.cluster import start_controller
-from sim.proxy import Proxy, mitmdump, write_config
+from sim.proxy import Proxy, mitmdump, route_info, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = os.environ.get("KVCACHE_REAL") == "1"
@@ -121,12 +121,7 @@ def proxy(engines: dict[str, str], sim_controller: str, tmp_path: Path) -> Itera
 
 
 def route(resp: httpx.Response) -> dict[str, str]:
-    head, *rest = resp.headers["x-kvcache-route"].split("; ")
-    out = {"endpoint": head}
-    for part in rest:
-        k, _, v = part.partition("=")
-        out[k] = v
-    return out
+    return route_info(resp.headers["x-kvcache-route"])
 
 
 def tokenize_chat(url: str, messages: list[dict[str, str]], **extra: Any) -> list[int]:
