@@ -41,6 +41,7 @@ from addon.vllm import AsyncTokenizer, Engine  # noqa: E402
 logger = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-kvcache-route"
+LARGE_BODY = 256 * 1024
 
 
 class KVCache:
@@ -183,10 +184,14 @@ class KVCache:
             return
         t0 = time.perf_counter()
         r = flow.request
-        req = parse_llm_request(
-            r.method, r.path, r.headers.get("content-type", ""),
-            r.get_content(strict=False), cfg.llm_paths, cfg.default_model,
-        )
+        body = r.get_content(strict=False)
+        args = (r.method, r.path, r.headers.get("content-type", ""), body, cfg.llm_paths,
+                cfg.default_model)
+        if body is not None and len(body) > LARGE_BODY:
+            # Parsing and hashing a multi-megabyte body takes tens of ms: off the event loop.
+            req = await asyncio.to_thread(parse_llm_request, *args)
+        else:
+            req = parse_llm_request(*args)
         hot = 0
         if req is None:
             decision = router.balance("not-llm")

@@ -183,3 +183,17 @@ def test_stats_command_reports_counters(tmp_path: Path) -> None:
         stats = json.loads(tctx.command(a.stats))
         assert stats["router"]["routed"] == 0 and "vllm-instance-1" in stats["inflight"]
         a.done()
+
+
+async def test_large_bodies_are_parsed_off_the_loop_and_routed(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        install(a, holder("vllm-instance-2", 512), httpx.MockTransport(tokens_ok))
+        f = chat_flow(n_words=80_000)
+        assert len(f.request.raw_content) > kvcache.LARGE_BODY
+        await a.request(f)
+        assert f.metadata["kvcache"]["reason"] == "cache-hit"
+        assert f.request.port == 8443
+        a.done()
