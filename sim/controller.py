@@ -49,7 +49,8 @@ Layout = Literal["array", "object"]
 ApiVersion = Literal["0.5.6", "0.3.0"]
 
 # The real controller's text for pin/clear/compress on an instance with no workers.
-TOKENS_MISMATCH = "The number of tokens pinned should be the same across all workers."
+# The live controller's wording on an unknown instance, per action (seen on 0.5.6).
+TOKENS_MISMATCH = "The number of tokens {} should be the same across all workers."
 DEFAULT_LOCATION = "LocalCPUBackend"
 
 _V030_PREFIX = "/_v030"
@@ -174,10 +175,10 @@ class ControllerState:
             n += 1
         return n, first_loc
 
-    def require(self, instance_id: str) -> Instance:
+    def require(self, instance_id: str, action: str = "pinned") -> Instance:
         inst = self.instances.get(instance_id)
         if inst is None:
-            raise HTTPException(status_code=500, detail=TOKENS_MISMATCH)
+            raise HTTPException(status_code=500, detail=TOKENS_MISMATCH.format(action))
         return inst
 
     def layout_info(self, tokens: list[int]) -> dict[str, Any]:
@@ -441,7 +442,7 @@ def create_app(cfg: ControllerConfig | None = None) -> FastAPI:
         return {"event_id": _event_id("Pin"), "num_tokens": n * CHUNK_SIZE}
 
     def _compress(req: CompressRequest) -> int:
-        inst = st.require(req.instance_id)
+        inst = st.require(req.instance_id, "compressed")
         # The worker only implements cachegen; any other method compresses nothing.
         if req.method != "cachegen":
             return 0
@@ -460,7 +461,7 @@ def create_app(cfg: ControllerConfig | None = None) -> FastAPI:
 
     @app.post("/clear")
     async def clear(req: ClearRequest) -> dict[str, Any]:
-        inst = st.require(req.instance_id)
+        inst = st.require(req.instance_id, "cleared")
         dropped = inst.chunks.pop(req.location, set())
         return {"event_id": _event_id("Clear"), "num_tokens": len(dropped) * CHUNK_SIZE}
 
@@ -491,7 +492,7 @@ def create_app(cfg: ControllerConfig | None = None) -> FastAPI:
     async def check_finish(req: CheckFinishRequest) -> dict[str, Any]:
         # 0.5.6 has the route but no handler behind it: every call fails.
         raise HTTPException(
-            status_code=500, detail=f"CheckFinishMsg is not supported (event {req.event_id})"
+            status_code=500, detail=""  # the live 0.5.6 controller's detail is empty
         )
 
     @app.post("/query_worker_info")
