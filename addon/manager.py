@@ -94,6 +94,9 @@ class CacheManager:
         self.cpu_ratio = cpu_ratio
         self.stats = ManagerStats()
         self.pins = HotWindowPins()
+        # A prompt's prefix compressed on its holder stays compressed: once per hot window
+        # is enough, however long the load stays high (and it keeps the log short).
+        self.compressed = HotWindowPins()
         self._lock = threading.Lock()
         self._has_evict: bool | None = None
         self._last_clear: dict[str, float] = {}
@@ -243,7 +246,8 @@ class CacheManager:
         signals = Signals(
             holder=holder, matched_tokens=matched, prompt_tokens=len(tokens), load=load,
             memory=memory, hot_count=hot_count,
-            already_pinned_this_window=self.pins.is_pinned(key, now, self.settings.hot_window),
+            already_pinned_this_window=self.pins.is_pinned(
+                f"{p.pin_instance_id or holder}\x00{key}", now, self.settings.hot_window),
             controller_has_evict=has_evict, now=now, last_clear_at=last_clear,
         )
         actions, reasons = decide(p, signals)
@@ -257,8 +261,12 @@ class CacheManager:
 
     def _act(self, action: Action, key: str, tokens: tuple[int, ...], job: Job) -> None:
         now = self.clock()
-        if action.kind == "pin" and not self.pins.should_pin(key, now, self.settings.hot_window):
-            return  # another thread pinned it in this window already
+        window = self.settings.hot_window
+        once = {"pin": self.pins, "compress": self.compressed}.get(action.kind)
+        marked = f"{action.instance_id}\x00{key}"
+        if once is not None and not once.should_pin(marked, now, window):
+            self.stats.actions[f"{action.kind}:already-done"] += 1
+            return  # done for this prompt on this instance in this window already
         if action.kind == "clear":
             with self._lock:
                 last = self._last_clear.get(action.instance_id)
@@ -278,8 +286,8 @@ class CacheManager:
             n = self._controller(calls[a.kind], job)
         except Exception as e:
             self.stats.actions[f"{a.kind}:failed"] += 1
-            if a.kind == "pin":
-                self.pins.forget(key)  # let a later request try again
+            if once is not None:
+                once.forget(marked)  # let a later request try again
             self._log_failure(f"{a.kind} on {a.instance_id}", describe_error(e))
             return
         self.stats.actions[f"{a.kind}:ok"] += 1

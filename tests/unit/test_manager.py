@@ -222,3 +222,16 @@ def test_load_source(source: str) -> None:
     m.run(req(), job(clock))
     # cpu_ratio is 0.95 (busy machine), the engine is idle.
     assert ("/compress" in ctl.paths()) is (source == "cpu")
+
+
+def test_compress_once_per_window_while_load_stays_high() -> None:
+    clock, ctl = Clock(), Controller(holder="e1")
+    m = make(ctl, Vllm(running=9), clock, enable_compression=True)
+    for _ in range(4):
+        m.run(req(), job(clock))
+        clock.t += 2  # past the 1 s /metrics cache, still inside the 300 s window
+    assert ctl.paths().count("/compress") == 1
+    assert m.stats.actions["compress:already-done"] == 3
+    clock.t += 300
+    m.run(req(), job(clock))
+    assert ctl.paths().count("/compress") == 2
