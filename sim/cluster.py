@@ -185,6 +185,7 @@ def start_controller(cfg: ControllerConfig | None = None, mode: Mode = "thread")
         return
     args = ["--layout", cfg.layout, "--api", cfg.api, "--latency-ms", str(cfg.latency_ms)]
     args += ["--error-rate", str(cfg.error_rate), "--hash-seed", str(cfg.hash_seed)]
+    args += ["--holders", cfg.holders]
     args += ["--seed", str(cfg.seed)]
     args += ["--evict"] * cfg.evict + ["--hang"] * cfg.hang + ["--garbage"] * cfg.garbage
     with run_module("sim.controller", args, cfg.host, 0, ready_path="/sim/state") as url:

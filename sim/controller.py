@@ -47,6 +47,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 Layout = Literal["array", "object"]
 ApiVersion = Literal["0.5.6", "0.3.0"]
+Holders = Literal["all", "first-registered"]
 
 # The real controller's text for pin/clear/compress on an instance with no workers.
 # The live controller's wording on an unknown instance, per action (seen on 0.5.6).
@@ -85,6 +86,7 @@ class ControllerConfig:
     garbage: bool = False
     hash_seed: int = 0
     seed: int = 0
+    holders: Holders = "all"
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Faults:
     api: ApiVersion = "0.5.6"
     evict: bool = False
     hash_seed: int = 0
+    holders: Holders = "all"
 
 
 @dataclass
@@ -142,6 +145,7 @@ class ControllerState:
             api=cfg.api,
             evict=cfg.evict,
             hash_seed=cfg.hash_seed,
+            holders=cfg.holders,
         )
         self.instances: dict[str, Instance] = {}
         # Set when the server is stopping, so hung requests end instead of being cancelled.
@@ -186,14 +190,27 @@ class ControllerState:
         out: dict[str, Any] = {}
         if not hashes:
             return out
-        for inst in self.instances.values():
-            n, loc = self.prefix(inst, hashes)
-            if n == 0:
-                continue
-            matched = n * CHUNK_SIZE
+        found: dict[str, tuple[str | None, int]] = {}
+        if self.faults.holders == "first-registered":
+            # What the live 0.5.6 controller does (seen in tests/real): walk the chunks, take
+            # the FIRST registered instance holding each, and report every instance with the
+            # end of the last chunk it was picked for. A shorter holder registered after a
+            # longer one is then not reported at all.
+            for i, h in enumerate(hashes):
+                inst = next((x for x in self.instances.values() if x.location_of(h)), None)
+                if inst is None:
+                    break
+                found[inst.instance_id] = (inst.location_of(h), (i + 1) * CHUNK_SIZE)
+        else:
+            # Every holder with the prefix it holds, as the facts file describes.
+            for inst in self.instances.values():
+                n, loc = self.prefix(inst, hashes)
+                if n:
+                    found[inst.instance_id] = (loc, n * CHUNK_SIZE)
+        for iid, (loc, matched) in found.items():
             # The real controller returns a tuple, i.e. a JSON array; "object" imitates the
             # Pixiu mock so clients can be tested against both.
-            out[inst.instance_id] = (
+            out[iid] = (
                 [loc, matched] if self.faults.layout == "array" else {"0": loc, "1": matched}
             )
         return out
@@ -320,6 +337,7 @@ class FaultsUpdate(BaseModel):
     api: ApiVersion | None = None
     evict: bool | None = None
     hash_seed: int | None = None
+    holders: Holders | None = None
 
 
 # --- fault injection -----------------------------------------------------------------------
@@ -691,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hang", action="store_true")
     p.add_argument("--garbage", action="store_true")
     p.add_argument("--hash-seed", type=int, default=0)
+    p.add_argument("--holders", choices=["all", "first-registered"], default="all",
+                   help="lookup reports every holder (facts file) or, per chunk, only the "
+                        "first-registered one (the live 0.5.6 controller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the error-rate draws")
     return p
 
@@ -707,6 +728,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
         hang=args.hang,
         garbage=args.garbage,
         hash_seed=args.hash_seed,
+        holders=args.holders,
         seed=args.seed,
     )
 

@@ -356,3 +356,36 @@ def test_faults_endpoint_validates(controller: str) -> None:
     assert http.post(f"{controller}/sim/faults", json={"layout": "tuple"}).status_code == 422
     assert http.post(f"{controller}/sim/faults", json={"error_rate": 2}).status_code == 422
     assert http.post(f"{controller}/sim/faults", json={"bogus": 1}).status_code == 422
+
+
+def test_first_registered_holders_switch_matches_the_live_controller() -> None:
+    from sim.chunks import chunk_hashes
+    from sim.cluster import start_controller
+    from sim.controller import ControllerConfig
+
+    toks = list(range(5_000_000, 5_000_800))
+    hashes = chunk_hashes(toks)
+
+    def lookup(url: str) -> dict[str, Any]:
+        return httpx.post(f"{url}/lookup", json={"tokens": toks}).json()["layout_info"]
+
+    for order, expected in (
+        (["short", "long"], {"short": [LOC, 512], "long": [LOC, 768]}),
+        (["long", "short"], {"long": [LOC, 768]}),
+    ):
+        with start_controller(ControllerConfig(holders="first-registered")) as url:
+            for iid in order:
+                httpx.post(f"{url}/sim/register", json={
+                    "instance_id": iid, "worker_id": 0, "url": "http://127.0.0.1:1"})
+            for iid, n in (("short", 2), ("long", 3)):
+                httpx.post(f"{url}/sim/kv_events", json={
+                    "instance_id": iid, "location": LOC, "admitted": hashes[:n],
+                    "evicted": []})
+            assert lookup(url) == expected, order
+    with start_controller() as url:  # the default reports every holder
+        for iid, n in (("long", 3), ("short", 2)):
+            httpx.post(f"{url}/sim/register", json={
+                "instance_id": iid, "worker_id": 0, "url": "http://127.0.0.1:1"})
+            httpx.post(f"{url}/sim/kv_events", json={
+                "instance_id": iid, "location": LOC, "admitted": hashes[:n], "evicted": []})
+        assert lookup(url) == {"long": [LOC, 768], "short": [LOC, 512]}
