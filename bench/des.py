@@ -95,36 +95,12 @@ def begin_prompt(
     model: EngineModel, prompt: Prompt, output_tokens: int, running: int = 1
 ) -> RequestPlan:
     """``model.begin(prompt.tokens, output_tokens, running)`` with the prompt's hashes computed
-    once per workload instead of once per call.
-
-    Same steps, same counters, same plan; ``tests/bench`` and ``bench.run`` check it against
-    ``EngineModel.begin`` so a change in the engine model cannot drift silently.
-    """
-    if output_tokens < 0:
-        raise ValueError("output_tokens must be >= 0")
+    once per workload instead of once per call (``tests/bench`` and ``bench.run`` still check
+    the two agree)."""
     if prompt.block_size != model.cache.block_size:
         raise ValueError("prompt hashed for another block size than the engine's")
-    n = len(prompt.tokens)
-    cached = model._usable_hit(n, model.cache.match_hashes(prompt.blocks))
-    admitted, evicted = model.cache.insert_hashes(prompt.blocks, prompt.chunks)
-    model.prefix_cache_queries += n
-    model.prefix_cache_hits += cached
-    model.requests += 1
-    model.prompt_tokens_total += n
-    model.generation_tokens_total += output_tokens
-    uncached = n - cached
-    cost = model.cost
-    return RequestPlan(
-        prompt_tokens=n,
-        cached_tokens=cached,
-        uncached_tokens=uncached,
-        output_tokens=output_tokens,
-        prefill_s=cost.prefill_seconds(uncached),
-        decode_step_s=cost.decode_step_seconds(running),
-        decode_s=cost.decode_seconds(output_tokens, running),
-        admitted_chunks=admitted,
-        evicted_chunks=evicted,
-    )
+    return model.begin_hashed(
+        len(prompt.tokens), prompt.blocks, prompt.chunks, output_tokens, running)
 
 
 class ControllerView:

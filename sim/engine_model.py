@@ -256,12 +256,20 @@ class EngineModel:
     ) -> RequestPlan:
         """Start prefill of a request now: look up and then insert its prompt, count it, and
         return its service times. ``running`` is the batch size including this request."""
+        return self.begin_hashed(
+            len(prompt_tokens), self.cache.block_hashes(prompt_tokens),
+            chunk_hashes(prompt_tokens), output_tokens, running)
+
+    def begin_hashed(
+        self, n: int, blocks: Sequence[int], chunks: Sequence[int], output_tokens: int,
+        running: int = 1,
+    ) -> RequestPlan:
+        """``begin`` for an ``n``-token prompt whose block and 256-token chunk hashes the
+        caller computed once (the benchmark replays the same prompts many times)."""
         if output_tokens < 0:
             raise ValueError("output_tokens must be >= 0")
-        n = len(prompt_tokens)
-        blocks = self.cache.block_hashes(prompt_tokens)
         cached = self._usable_hit(n, self.cache.match_hashes(blocks))
-        admitted, evicted = self.cache.insert_hashes(blocks, chunk_hashes(prompt_tokens))
+        admitted, evicted = self.cache.insert_hashes(blocks, chunks)
         # Counted exactly like vLLM's PrefixCacheStats: queries in prompt tokens, hits in
         # cached tokens.
         self.prefix_cache_queries += n
