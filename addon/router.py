@@ -195,7 +195,7 @@ class Router:
         log_now, suppressed = self.failure_log.should_log(f"{what}:{why}")
         if log_now:
             more = f" ({suppressed} more since the last report)" if suppressed else ""
-            logger.warning(f"[kvcache] {what} failed ({why}); load-balancing instead{more}")
+            logger.warning(f"[kvcache] {what} failed ({why}); routing without it{more}")
 
     async def route(self, req: LLMRequest) -> Decision:
         self.stats.routed += 1
