@@ -80,14 +80,15 @@ def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20) -> Iterat
                 proxy.url = f"http://{m.group(1)}:{m.group(2)}"
                 found.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    end = time.monotonic() + timeout
-    while not found.is_set():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise RuntimeError("mitmdump did not start:\n" + proxy.log())
-        found.wait(0.05)
+    # Everything after Popen is inside the try: a Ctrl-C while mitmdump starts up must
+    # stop it too, not only one that comes while it serves.
     try:
+        threading.Thread(target=pump, daemon=True).start()
+        end = time.monotonic() + timeout
+        while not found.is_set():
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("mitmdump did not start:\n" + proxy.log())
+            found.wait(0.05)
         yield proxy
     finally:
         proc.terminate()
