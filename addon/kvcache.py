@@ -127,7 +127,9 @@ class KVCache:
             policy=PolicyParams(
                 cfg.routing_policy, cfg.routing_load_weight, cfg.routing_load_unit,
                 cfg.routing_prefill_share, cfg.routing_request_tokens,
-                cfg.routing_track_inflight, cfg.routing_recent_tokens),
+                cfg.routing_track_inflight, cfg.routing_recent_tokens,
+                cfg.routing_hot_half_life, cfg.routing_hot_headroom,
+                cfg.routing_congestion_tokens),
             slow_backoff=cfg.slow_backoff,
         )
         cs = cfg.cache_strategy

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Choice:
     endpoint_id: str
-    reason: str  # "cache-hit", or the balancer's name when the cache gave no answer
+    # "cache-hit"; "cache-spill" (a non-holder: the holders are busier than the prefix is
+    # worth) or "hot-spread" (a non-holder: the prefix is hot and needs another holder); or
+    # the balancer's name when the cache gave no answer.
+    reason: str
     matched_tokens: int = 0
 
 
@@ -86,6 +89,18 @@ class PolicyParams:
     # Per endpoint, tokens of recently finished prompts remembered to route by when the
     # controller cannot answer; 0 turns that memory off.
     recent_tokens: int = 100_000
+    # A hot prefix needs more than one holder: its share of the recent requests (counts
+    # decayed with this half-life, in seconds) times the number of endpoints, less
+    # `hot_headroom`, rounded up, is how many endpoints should hold it. While fewer do, every
+    # endpoint is costed as if it held it, so the least loaded one takes a copy now (one
+    # prefill) instead of the holders queueing the prefix's traffic. 0 turns this off.
+    hot_half_life: float = 10.0
+    hot_headroom: float = 0.1
+    # Under congestion an uncached token costs more than its own prefill: with no endpoint
+    # idle, the work a cache hit would have saved delays the requests queued behind it too.
+    # Uncached tokens weigh 1 + (the least loaded endpoint's load) / this many tokens;
+    # 0 weighs them 1 whatever the load.
+    congestion_tokens: int = 2000
 
 
 def choose(
@@ -96,6 +111,7 @@ def choose(
     prompt_tokens: int = 0,
     params: PolicyParams | None = None,
     load_tokens: Mapping[str, int] | None = None,
+    replicas: int = 1,
 ) -> Choice:
     """The endpoint for one request.
 
@@ -103,7 +119,8 @@ def choose(
     merged with the proxy's own view); `inflight`: the proxy's own count of unfinished
     requests per endpoint; `load_tokens`: the proxy's estimate of each endpoint's queued work
     in prompt tokens, used instead of `inflight` (for the cost, the tie-breaks and the
-    balancer) when given and `params.load_unit` is "tokens".
+    balancer) when given and `params.load_unit` is "tokens"; `replicas`: how many endpoints
+    should hold the matched prefix (more than one for a hot prefix, see `PolicyParams`).
     """
     p = params or PolicyParams()
     by_tokens = load_tokens is not None and p.load_unit == "tokens"
@@ -118,19 +135,26 @@ def choose(
     # that is far busier than the rest loses its request, which spreads a hot prefix instead
     # of piling every request onto its first holder.
     prompt = max(prompt_tokens, holder[1])
+    top = min(holder[1], prompt)
     weight = 1 if by_tokens else p.load_weight_tokens
-    best: tuple[int, int, int, int] | None = None
+    spread = replicas > 1 and sum(
+        1 for e in candidates if matches.get(e, 0) >= holder[1]) < replicas
+    congestion = 1.0
+    if p.congestion_tokens:
+        congestion += weight * min(load.get(e, 0) for e in candidates) / p.congestion_tokens
+    best: tuple[float, int, int, int] | None = None
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
+        credited = top if spread else matched
         busy = load.get(eid, 0)
-        rank = (prompt - matched + weight * busy, -matched, busy, i)
+        rank = (congestion * (prompt - credited) + weight * busy, -matched, busy, i)
         if best is None or rank < best:
             best = rank
     assert best is not None
     winner, matched = candidates[best[3]], -best[1]
     if matched > 0:
         return Choice(winner, "cache-hit", matched)
-    return Choice(winner, "cache-spill")
+    return Choice(winner, "hot-spread" if spread else "cache-spill")
 
 
 class EndpointState:

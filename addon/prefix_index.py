@@ -22,11 +22,14 @@ itself, never with the controller's.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
+
+from cachetools import LRUCache
 
 # LMCache's chunk: the controller never matches less, so neither does the proxy's own view.
 CHUNK_TOKENS = 256
@@ -210,6 +213,38 @@ class PrefixIndex:
 
     def pending_tokens(self, endpoint: str) -> int:
         return self._pending.get(endpoint, 0)
+
+
+class PrefixHeat:
+    """Each prefix's share of the recent requests: request counts per prefix and in all, each
+    decayed exponentially with `half_life` seconds, so a prefix that was hot a while ago
+    fades. The `max_prefixes` most recently seen prefixes are kept (the rest count as cold).
+
+    Hand-written: the decayed counter is a few lines of arithmetic; the bounded map is
+    cachetools'.
+    """
+
+    def __init__(self, half_life: float, max_prefixes: int = 4096) -> None:
+        if half_life <= 0 or max_prefixes < 1:
+            raise ValueError("half_life and max_prefixes must be positive")
+        self._decay = math.log(2) / half_life
+        self._counts: LRUCache[Hashable, tuple[float, float]] = LRUCache(max_prefixes)
+        self._total = (0.0, 0.0)
+
+    def _bump(self, count: tuple[float, float], now: float) -> tuple[float, float]:
+        n, then = count
+        return n * math.exp(-self._decay * max(now - then, 0.0)) + 1.0, now
+
+    def record(self, prefix: Hashable | None, now: float) -> tuple[float, float]:
+        """Count one request for `prefix` (None: a request matching no known prefix) at
+        `now`; the prefix's decayed request count and its share of all recent requests,
+        this one included."""
+        self._total = self._bump(self._total, now)
+        if prefix is None:
+            return 0.0, 0.0
+        count = self._bump(self._counts.get(prefix, (0.0, now)), now)
+        self._counts[prefix] = count
+        return count[0], min(count[0] / self._total[0], 1.0)
 
 
 def merge_matches(*answers: Mapping[str, int]) -> dict[str, int]:

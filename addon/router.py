@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
@@ -15,7 +16,13 @@ from typing import Any, Protocol
 
 from addon.lmcache import LookupResult
 from addon.policy import Choice, EndpointState, LoadBalancer, PolicyParams, choose
-from addon.prefix_index import CHUNK_TOKENS, PrefixIndex, chunk_hashes, merge_matches
+from addon.prefix_index import (
+    CHUNK_TOKENS,
+    PrefixHeat,
+    PrefixIndex,
+    chunk_hashes,
+    merge_matches,
+)
 from addon.request import LLMRequest
 from addon.resilience import (
     CircuitBreaker,
@@ -147,6 +154,7 @@ class Router:
         self.index = PrefixIndex(
             state.ids, prefill_share=p.prefill_share, request_tokens=p.request_tokens,
             recent_tokens=p.recent_tokens)
+        self.heat = PrefixHeat(p.hot_half_life) if p.hot_half_life > 0 else None
 
     # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
 
@@ -182,14 +190,32 @@ class Router:
             matches = self.index.local_matches(
                 chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0)
             if matches:
-                choice = choose(matches, self.state.healthy(), self.state.inflight,
+                candidates = self.state.healthy()
+                choice = choose(matches, candidates, self.state.inflight,
                                 self.balancer, prompt_tokens=n, params=p,
-                                load_tokens=self.load_tokens())
+                                load_tokens=self.load_tokens(),
+                                replicas=self.replicas(matches, candidates, chunks))
                 if choice.reason == "cache-hit":
                     self.stats.local_hits += 1
                     return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
                                     n, phase.source, ms, chunks=chunks)
         return self._with(self.balance(why), n, phase.source, ms, chunks)
+
+    def replicas(
+        self, matches: dict[str, int], candidates: list[str], chunks: tuple[int, ...]
+    ) -> int:
+        """How many endpoints should hold this prompt's matched prefix, from its share of
+        the recent requests (1 unless the prefix is hot); counts this request."""
+        if self.heat is None:
+            return 1
+        top = min(max((matches.get(c, 0) for c in candidates), default=0) // CHUNK_TOKENS,
+                  len(chunks))
+        count, share = self.heat.record(chunks[top - 1] if top else None, self.clock())
+        # A handful of requests make any prefix look like all of the traffic: until it has
+        # had about one recent request per endpoint, its share says nothing.
+        if count < len(candidates):
+            return 1
+        return max(1, math.ceil(share * len(candidates) - self.policy.hot_headroom))
 
     def _log_failure(self, what: str, why: str) -> None:
         log_now, suppressed = self.failure_log.should_log(f"{what}:{why}")
@@ -307,14 +333,16 @@ class Router:
             matches = merge_matches(result.matches, self.index.local_matches(chunks))
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
                                 prompt_tokens=n, params=self.policy,
-                                load_tokens=self.load_tokens())
+                                load_tokens=self.load_tokens(),
+                                replicas=self.replicas(matches, candidates, chunks))
         if choice.reason == "cache-hit":
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
                             source, ms, unknown, chunks)
-        if choice.reason == "cache-spill":
+        if choice.reason in ("cache-spill", "hot-spread"):
             self.stats.spills += 1
-            return Decision(choice.endpoint_id, "cache-spill", "holder-busy", 0, n, source, ms,
+            why = "holder-busy" if choice.reason == "cache-spill" else "hot-prefix"
+            return Decision(choice.endpoint_id, "cache-spill", why, 0, n, source, ms,
                             unknown, chunks)
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown,
