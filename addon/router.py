@@ -212,8 +212,8 @@ class Router:
                   len(chunks))
         count, share = self.heat.record(chunks[top - 1] if top else None, self.clock())
         # A handful of requests make any prefix look like all of the traffic: until it has
-        # had about one recent request per endpoint, its share says nothing.
-        if count < len(candidates):
+        # had more recent requests than there are endpoints, its share says nothing.
+        if count <= len(candidates):
             return 1
         return max(1, math.ceil(share * len(candidates) - self.policy.hot_headroom))
 

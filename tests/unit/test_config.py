@@ -15,6 +15,7 @@ def test_repo_config_yaml_loads_with_documented_defaults() -> None:
     assert cfg.lookup_routing_timeout == pytest.approx(0.05)
     assert cfg.token_cache.enabled is True
     assert cfg.vllm_endpoint == "http://127.0.0.1:8001"  # first endpoint when empty
+    assert cfg.routing_hot_half_life == pytest.approx(10.0)  # "10s"
 
 
 def test_minimal_config_has_first_run_defaults() -> None:
@@ -59,6 +60,9 @@ def test_durations(text: object, seconds: float) -> None:
         ({"endpoints": EP, "retry": {"max_attempts": 0}}, "retry.max_attempts = 0"),
         ({"endpoints": EP, "cache_strategy": {"zstd": True}}, "cache_strategy.zstd"),
         ({"endpoints": EP, "lmcache_endpoint": "localhost:9000"}, "lmcache_endpoint"),
+        ({"endpoints": EP, "routing_hot_half_life": "-1s"}, "routing_hot_half_life = '-1s'"),
+        ({"endpoints": EP, "routing_hot_headroom": -0.5}, "routing_hot_headroom = -0.5"),
+        ({"endpoints": EP, "routing_congestion_tokens": -1}, "routing_congestion_tokens = -1"),
     ],
 )
 def test_bad_values_name_key_and_value(data: dict, needle: str) -> None:

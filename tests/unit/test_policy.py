@@ -94,3 +94,46 @@ def test_token_load_replaces_request_counts() -> None:
     c = choose({}, IDS, {"e1": 0, "e2": 3, "e3": 3}, lb, 500, p,
                load_tokens={"e1": 900, "e2": 100, "e3": 200})
     assert c.endpoint_id == "e2"
+
+
+def test_hot_prefix_spreads_to_the_least_loaded_non_holder() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    p = PolicyParams()
+    load = {"e1": 600, "e2": 0, "e3": 300}
+    # The prefix needs two holders and has one: idle e2 takes a copy, although it must
+    # prefill 4096 tokens more than the busier holder e1.
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=2)
+    assert (c.endpoint_id, c.reason) == ("e2", "hot-spread")
+    # A prefix that needs one holder stays on it.
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=1)
+    assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e1", "cache-hit", 4096)
+    # Enough holders: the less loaded holder, no new copy.
+    c = choose({"e1": 4096, "e3": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=2)
+    assert (c.endpoint_id, c.reason) == ("e3", "cache-hit")
+    # A holder as idle as the rest keeps the request (ties go to the match).
+    idle = {"e1": 0, "e2": 0, "e3": 0}
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=idle, replicas=3)
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+
+
+def test_congestion_weighs_uncached_tokens_up() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    # e1 holds 2048 of 3000 tokens behind 4000 queued tokens; every other endpoint has at
+    # least 1500 queued. Counted 1:1, the cold e2 is cheaper (3000 + 1500 < 952 + 4000)...
+    busy = {"e1": 4000, "e2": 1500, "e3": 2000}
+    c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=0),
+               load_tokens=busy)
+    assert (c.endpoint_id, c.reason) == ("e2", "cache-spill")
+    # ...but with no endpoint idle, recomputing 2048 cached tokens delays everyone queued
+    # behind them on e2: each uncached token weighs 1 + 1500/2000.
+    c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=2000),
+               load_tokens=busy)
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+    # One idle endpoint: no congestion, the plain cost decides again.
+    c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=2000),
+               load_tokens={**busy, "e3": 0})
+    assert (c.endpoint_id, c.reason) == ("e3", "cache-spill")

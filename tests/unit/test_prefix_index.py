@@ -4,6 +4,7 @@ import pytest
 
 from addon.prefix_index import (
     CHUNK_TOKENS,
+    PrefixHeat,
     PrefixIndex,
     chunk_hashes,
     leading_match,
@@ -92,3 +93,28 @@ def test_helpers() -> None:
     assert merge_matches({"a": 256, "b": 512}, {"a": 768}) == {"a": 768, "b": 512}
     with pytest.raises(ValueError):
         PrefixIndex(prefill_share=-1)
+
+
+def test_prefix_heat_is_a_decayed_share_of_recent_requests() -> None:
+    heat = PrefixHeat(half_life=10.0)
+    for t in range(8):
+        heat.record("hot", float(t))
+    assert heat.record(None, 8.0) == (0.0, 0.0)  # a request matching nothing: total only
+    count, share = heat.record("hot", 8.0)
+    hot = sum(0.5 ** ((8 - t) / 10) for t in range(8)) + 1  # each request halves per 10 s
+    assert count == pytest.approx(hot)
+    assert share == pytest.approx(hot / (hot + 1))
+    # A new prefix counts 1 against everything recent; a half-life later, "hot" counts half.
+    count, share = heat.record("cold", 18.0)
+    assert count == 1.0 and share == pytest.approx(1 / ((hot + 1) / 2 + 1))
+    assert heat.record("hot", 18.0)[0] == pytest.approx(hot / 2 + 1)
+
+
+def test_prefix_heat_forgets_beyond_its_bound() -> None:
+    heat = PrefixHeat(half_life=10.0, max_prefixes=2)
+    heat.record("a", 0.0)
+    heat.record("b", 0.0)
+    heat.record("c", 0.0)  # "a" is the least recently seen: dropped
+    assert heat.record("a", 0.0)[0] == 1.0
+    with pytest.raises(ValueError):
+        PrefixHeat(half_life=0)

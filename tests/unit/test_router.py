@@ -178,6 +178,30 @@ async def test_token_load_steers_away_from_a_queued_holder() -> None:
     assert (d.endpoint_id, d.reason) == ("e1", "cache-hit")
 
 
+async def test_a_hot_prefix_gets_a_second_holder() -> None:
+    from addon.policy import PolicyParams
+
+    prompt = tuple(range(4200))
+    for half_life, want in ((10.0, ("e2", "cache-spill", "hot-prefix")),
+                            (0.0, ("e1", "cache-hit", ""))):
+        r = make(FakeLookup(LookupResult({"e1": 4096})))
+        r.policy = PolicyParams(hot_half_life=half_life)
+        r.__init__(  # rebuild the router's state from the policy, as the addon does
+            budget=r.budget, state=EndpointState(IDS, 10), balancer=r.balancer,
+            token_cache=r.token_cache, lmcache=r.lmcache, tokenizer=None,
+            controller_breaker=r.controller_breaker, tokenizer_breaker=r.tokenizer_breaker,
+            failure_log=r.failure_log, policy=r.policy)
+        # The first requests for the prefix go to its holder: a couple of requests do not
+        # make a prefix hot, and e1 is cheaper by 4096 cached tokens.
+        for i in range(2):
+            d = await r.route(ids_req(prompt, f"k{i}"))
+            assert (d.endpoint_id, d.reason) == ("e1", "cache-hit")
+            r.started(f"k{i}", d)
+        # Now it is all of the recent traffic, on one of two endpoints, and e1 is busier.
+        d = await r.route(ids_req(prompt, "k2"))
+        assert (d.endpoint_id, d.reason, d.why) == want
+
+
 async def test_controller_down_routes_by_recently_finished_prompts() -> None:
     r = make(FakeLookup(ConnectionRefusedError("down")))
     first = await r.route(ids_req(LONG))
