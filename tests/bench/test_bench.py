@@ -30,6 +30,7 @@ from bench.workloads import (
     multi_round_chat,
     no_reuse,
     shared_prefix,
+    standard_workloads,
     write_trace,
 )
 from sim.chunks import CHUNK_SIZE, chained_hashes, chunk_hashes
@@ -466,3 +467,31 @@ def test_sglang_tree_trims_leaves_first() -> None:
     pol.route(SimRequest(0, p, 5), sim)
     tree = pol._trees["e0"]
     assert len(tree) == 1024 // 16 and all(b in tree for b in p.tree_blocks[:64])
+
+
+def test_win_condition_margins() -> None:
+    from bench.report import win_holds
+
+    p95 = {"least-loaded": 1.0, "round-robin": 1.0}.__getitem__
+    assert win_holds("chat", 1.019, 1.0, p95)[0]
+    assert not win_holds("chat", 1.021, 1.0, p95)[0]
+    # no-reuse: also within 3% of least-loaded; hot-prefix: not behind round robin at all.
+    assert not win_holds("no-reuse", 1.0, 0.97, {"least-loaded": 0.95}.__getitem__)[0]
+    assert win_holds("hot-prefix", 0.999, 0.99, p95) == (True, "vs round robin 0.999")
+    assert not win_holds("hot-prefix", 1.001, 0.99, p95)[0]
+
+
+def test_seeds_report_runs_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.seeds as S
+
+    # A small cluster cache shrinks every workload's working set and request count.
+    monkeypatch.setattr(S, "_CFG", SimConfig(capacity_tokens=50_000))
+    monkeypatch.setattr(S, "standard_workloads", lambda cfg, seed, scale, trace: [
+        w for w in standard_workloads(cfg, seed, 0.1, None, ["chat"])])
+    assert S.main(["--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "routing-seeds.md").read_text()
+    assert text.startswith("# Routing benchmark: the win conditions over several seeds")
+    assert "Command: `python -m bench.seeds --seeds 0,1" in text
+    rows = [line for line in text.splitlines() if line.startswith("| chat |")]
+    assert rows and all(len(r.split("|")[3].split("/")) == 2 for r in rows)  # a ratio per seed
+    assert "- ours: " in text
