@@ -171,8 +171,9 @@ def build(
     add("- One seed per cell (`--seed` changes it). Between seeds 0 and 1 a cell's p95 moved "
         "by 10% (median) and 27% (75th percentile), more past saturation: trust a gap of "
         "~1.5x, or a pattern that holds across load levels and workloads, not a single "
-        "cell. Past saturation TTFT keeps growing with the length of the run, so compare "
-        "policies at the same level rather than absolute values.")
+        "cell. `python -m bench.seeds` re-judges the win conditions on seeds 0-2 "
+        "(`routing-seeds.md`). Past saturation TTFT keeps growing with the length of the "
+        "run, so compare policies at the same level rather than absolute values.")
     add("- The engine model decodes at a flat step time (batch size does not slow it), "
         "charges nothing for attention over a cached context, and has one GPU tier: a miss "
         "is a full recompute (no LMCache CPU/disk offload to fall back on), which is the "
