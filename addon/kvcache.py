@@ -34,7 +34,7 @@ from addon.policy import EndpointState, LoadBalancer, PolicyParams  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
 from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy  # noqa: E402
 from addon.router import Decision, Router  # noqa: E402
-from addon.strategy import StrategyParams, validate_compress_method  # noqa: E402
+from addon.strategy import validate_compress_method  # noqa: E402
 from addon.tokens import Hotness, TokenCache  # noqa: E402
 from addon.vllm import AsyncTokenizer, Engine  # noqa: E402
 
@@ -133,18 +133,14 @@ class KVCache:
             slow_backoff=cfg.slow_backoff,
         )
         cs = cfg.cache_strategy
-        strategy = StrategyParams(**{
-            k: getattr(cs, k) for k in StrategyParams.__dataclass_fields__})
         if warning := validate_compress_method(cs.compress_method):
             logger.warning(f"[kvcache] {warning}")
         self.manager = CacheManager(
             settings=ManagerSettings(
-                strategy=strategy,
+                strategy=cs,
                 retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.base_backoff,
                                   cfg.retry.max_backoff),
-                hot_window=cfg.hot_window, load_source=cs.load_source,
-                engine_max_requests=cs.engine_max_requests,
-                request_timeout=cfg.request_timeout,
+                hot_window=cfg.hot_window, request_timeout=cfg.request_timeout,
             ),
             tokenizer_url=cfg.vllm_endpoint,
             endpoint_urls={ep.id: ep.url for ep in cfg.endpoints},

@@ -24,6 +24,7 @@ import psutil
 from cachetools import TTLCache
 
 from addon.background import Job
+from addon.config import CacheStrategyConfig
 from addon.lmcache import LMCache
 from addon.request import LLMRequest
 from addon.resilience import (
@@ -33,7 +34,7 @@ from addon.resilience import (
     call_with_retry,
 )
 from addon.router import describe_error, service_unhealthy
-from addon.strategy import Action, HotWindowPins, Signals, StrategyParams, decide
+from addon.strategy import Action, HotWindowPins, Signals, decide
 from addon.tokens import TokenCache
 from addon.vllm import Engine, EngineLoad
 
@@ -55,11 +56,9 @@ class ManagerStats:
 
 @dataclass(frozen=True)
 class ManagerSettings:
-    strategy: StrategyParams
+    strategy: CacheStrategyConfig  # also says where load comes from (load_source, ...)
     retry: RetryPolicy
     hot_window: float
-    load_source: str  # "engine" or "cpu"
-    engine_max_requests: int
     request_timeout: float
 
 
@@ -228,13 +227,13 @@ class CacheManager:
         load: float | None = None
         memory: float | None = None
         if p.enable_compression:
-            if self.settings.load_source == "cpu":
+            if self.settings.strategy.load_source == "cpu":
                 load = max(0.0, min(1.0, self.cpu_ratio()))
             else:
                 engine = self._engine_load(p.compress_instance_id or holder, job)
                 if engine is not None:
                     busy = engine.running + engine.waiting
-                    load = min(1.0, busy / self.settings.engine_max_requests)
+                    load = min(1.0, busy / self.settings.strategy.engine_max_requests)
         if p.enable_eviction:
             engine = self._engine_load(p.evict_instance_id or holder, job)
             memory = engine.kv_cache_usage if engine is not None else None

@@ -14,6 +14,9 @@ design (Pixiu ``dgp.filter.ai.kvcache``), each deliberate:
   compresses 0 tokens, hence :func:`validate_compress_method`.
 - A signal that is unknown (``None``) never triggers an action: acting on a
   guess is worse than not acting.
+
+Its parameters are the validated ``cache_strategy`` config section itself
+(``addon.config.CacheStrategyConfig``, pure data): one field list, one set of defaults.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from typing import Literal
 
 from cachetools import LRUCache
 
+from addon.config import CacheStrategyConfig
+
 __all__ = [
     "SUPPORTED_COMPRESS_METHODS",
     "Action",
     "ActionKind",
     "HotWindowPins",
     "Signals",
-    "StrategyParams",
     "decide",
     "validate_compress_method",
 ]
@@ -39,39 +43,6 @@ ActionKind = Literal["compress", "pin", "evict", "clear"]
 
 # LMCache 0.5.6 workers implement only this one.
 SUPPORTED_COMPRESS_METHODS = frozenset({"cachegen"})
-
-
-@dataclass(frozen=True)
-class StrategyParams:
-    """Strategy configuration. Empty ``*_instance_id`` = use the lookup's holder."""
-
-    enable_compression: bool = True
-    enable_pinning: bool = True
-    enable_eviction: bool = True
-    load_threshold: float = 0.7
-    memory_threshold: float = 0.85
-    hot_content_threshold: int = 10
-    pin_location: str = "LocalCPUBackend"
-    compress_location: str = "LocalCPUBackend"
-    compress_method: str = "cachegen"
-    evict_location: str = "LocalCPUBackend"
-    pin_instance_id: str = ""
-    compress_instance_id: str = ""
-    evict_instance_id: str = ""
-    eviction_clear_fallback: bool = False
-    clear_cooldown: float = 300.0
-
-    def __post_init__(self) -> None:
-        for name in ("load_threshold", "memory_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a ratio in [0, 1], got {value}")
-        if self.hot_content_threshold < 1:
-            raise ValueError(
-                f"hot_content_threshold must be >= 1, got {self.hot_content_threshold}"
-            )
-        if self.clear_cooldown < 0:
-            raise ValueError(f"clear_cooldown must be >= 0, got {self.clear_cooldown}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +91,7 @@ def _target(configured: str, holder: str | None) -> str | None:
     return configured or holder or None
 
 
-def decide(params: StrategyParams, signals: Signals) -> tuple[list[Action], list[str]]:
+def decide(params: CacheStrategyConfig, signals: Signals) -> tuple[list[Action], list[str]]:
     """Actions to take, in the order compress, pin, evict/clear, and skip reasons.
 
     A disabled feature is skipped silently, and so is a signal that is simply

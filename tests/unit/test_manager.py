@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from addon.background import Job
+from addon.config import CacheStrategyConfig
 from addon.lmcache import LMCache
 from addon.manager import CacheManager, ManagerSettings
 from addon.request import LLMRequest
 from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy
-from addon.strategy import StrategyParams
 from addon.tokens import TokenCache
 from addon.vllm import Engine
 
@@ -94,12 +94,11 @@ class Vllm:
 
 
 def make(controller: Controller, vllm: Vllm, clock: Clock, **strategy: Any) -> CacheManager:
-    params = StrategyParams(**{"enable_compression": False, "enable_eviction": False,
-                               "hot_content_threshold": 3, **strategy})
+    params = CacheStrategyConfig(**{"hot_content_threshold": 3, "engine_max_requests": 10,
+                                    **strategy})
     return CacheManager(
         settings=ManagerSettings(strategy=params, retry=RetryPolicy(3, 0.1, 1.0),
-                                 hot_window=300, load_source="engine",
-                                 engine_max_requests=10, request_timeout=2.0),
+                                 hot_window=300, request_timeout=2.0),
         tokenizer_url="http://e1:1", endpoint_urls={"e1": "http://e1:1", "e2": "http://e2:1"},
         engine=Engine(transport=httpx.MockTransport(vllm)),
         lmcache=LMCache("http://lmcache:9000", transport=httpx.MockTransport(controller)),
@@ -217,8 +216,7 @@ def test_tokenizer_breaker_opens_and_skips() -> None:
 @pytest.mark.parametrize("source", ["cpu", "engine"])
 def test_load_source(source: str) -> None:
     clock, ctl = Clock(), Controller(holder="e1")
-    m = make(ctl, Vllm(running=0), clock, enable_compression=True)
-    m.settings = ManagerSettings(**{**m.settings.__dict__, "load_source": source})
+    m = make(ctl, Vllm(running=0), clock, enable_compression=True, load_source=source)
     m.run(req(), job(clock))
     # cpu_ratio is 0.95 (busy machine), the engine is idle.
     assert ("/compress" in ctl.paths()) is (source == "cpu")

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from addon.config import CacheStrategyConfig
 from addon.strategy import (
     Action,
     HotWindowPins,
     Signals,
-    StrategyParams,
     decide,
     validate_compress_method,
 )
@@ -31,7 +31,15 @@ QUIET = Signals(
     last_clear_at=None,
 )
 
-P = StrategyParams()
+
+
+def strategy(**changes: object) -> CacheStrategyConfig:
+    """Every rule on (the config's defaults leave compression and eviction off)."""
+    return CacheStrategyConfig(**{"enable_compression": True, "enable_eviction": True,
+                                  **changes})
+
+
+P = strategy()
 
 
 def kinds(actions: list[Action]) -> list[str]:
@@ -64,7 +72,7 @@ def test_unknown_load_skips_compress_with_reason() -> None:
 
 
 def test_compress_uses_configured_instance_location_and_method() -> None:
-    params = replace(P, compress_instance_id="inst-9", compress_location="LocalDiskBackend")
+    params = strategy(compress_instance_id="inst-9", compress_location="LocalDiskBackend")
     actions, _ = decide(params, replace(QUIET, load=0.9))
     assert actions == [Action("compress", "inst-9", "LocalDiskBackend", method="cachegen")]
 
@@ -77,7 +85,7 @@ def test_compress_without_holder_or_configured_instance_is_skipped() -> None:
 
 
 def test_disabled_compression_is_silent() -> None:
-    params = replace(P, enable_compression=False)
+    params = strategy(enable_compression=False)
     assert decide(params, replace(QUIET, load=1.0)) == ([], [])
     assert decide(params, replace(QUIET, load=None)) == ([], [])
 
@@ -112,7 +120,7 @@ def test_pin_needs_a_holder_with_matched_tokens() -> None:
 
 
 def test_configured_pin_instance_overrides_holder_even_without_match() -> None:
-    params = replace(P, pin_instance_id="inst-7", pin_location="LocalDiskBackend")
+    params = strategy(pin_instance_id="inst-7", pin_location="LocalDiskBackend")
     for signals in (
         replace(QUIET, hot_count=10),
         replace(QUIET, hot_count=10, holder=None, matched_tokens=0),
@@ -138,7 +146,7 @@ def test_pin_once_per_hot_window() -> None:
 
 
 def test_disabled_pinning_is_silent() -> None:
-    params = replace(P, enable_pinning=False)
+    params = strategy(enable_pinning=False)
     assert decide(params, replace(QUIET, hot_count=100, holder=None)) == ([], [])
 
 
@@ -168,14 +176,14 @@ def test_no_evict_and_fallback_off_skips_with_reason() -> None:
 
 
 def test_clear_fallback_when_controller_lacks_evict() -> None:
-    params = replace(P, eviction_clear_fallback=True, evict_location="LocalDiskBackend")
+    params = strategy(eviction_clear_fallback=True, evict_location="LocalDiskBackend")
     actions, reasons = decide(params, replace(QUIET, memory=0.9, controller_has_evict=False))
     assert actions == [Action("clear", "inst-1", "LocalDiskBackend")]
     assert reasons == []
 
 
 def test_clear_respects_cooldown() -> None:
-    params = replace(P, eviction_clear_fallback=True, clear_cooldown=300.0)
+    params = strategy(eviction_clear_fallback=True, clear_cooldown=300.0)
     base = replace(QUIET, memory=0.9, controller_has_evict=False)
 
     actions, reasons = decide(params, replace(base, last_clear_at=NOW - 299.0))
@@ -189,18 +197,18 @@ def test_clear_respects_cooldown() -> None:
 
 
 def test_unknown_evict_support_never_clears() -> None:
-    params = replace(P, eviction_clear_fallback=True)
+    params = strategy(eviction_clear_fallback=True)
     actions, reasons = decide(params, replace(QUIET, memory=0.9, controller_has_evict=None))
     assert actions == []
     assert reasons == ["evict skipped: controller /evict support not yet known"]
 
 
 def test_evict_instance_override_beats_holder() -> None:
-    params = replace(P, evict_instance_id="inst-3")
+    params = strategy(evict_instance_id="inst-3")
     actions, _ = decide(params, replace(QUIET, memory=0.9))
     assert actions == [Action("evict", "inst-3", "LocalCPUBackend")]
 
-    params = replace(params, eviction_clear_fallback=True)
+    params = strategy(evict_instance_id="inst-3", eviction_clear_fallback=True)
     actions, _ = decide(params, replace(QUIET, memory=0.9, controller_has_evict=False))
     assert actions == [Action("clear", "inst-3", "LocalCPUBackend")]
 
@@ -213,7 +221,7 @@ def test_evict_without_holder_or_configured_instance_is_skipped() -> None:
 
 
 def test_disabled_eviction_is_silent() -> None:
-    params = replace(P, enable_eviction=False)
+    params = strategy(enable_eviction=False)
     assert decide(params, replace(QUIET, memory=1.0, controller_has_evict=False)) == ([], [])
 
 
@@ -228,7 +236,7 @@ def test_actions_come_in_order_compress_pin_evict() -> None:
 
 
 def test_configured_instances_override_holder_per_action() -> None:
-    params = replace(P, compress_instance_id="c", pin_instance_id="p", evict_instance_id="e")
+    params = strategy(compress_instance_id="c", pin_instance_id="p", evict_instance_id="e")
     actions, _ = decide(params, replace(QUIET, load=0.9, hot_count=99, memory=0.99))
     assert [(a.kind, a.instance_id) for a in actions] == [
         ("compress", "c"),
@@ -262,8 +270,8 @@ def test_no_holder_skips_everything_with_reasons() -> None:
     ],
 )
 def test_params_reject_out_of_range_values(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        StrategyParams(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+        strategy(**kwargs)
 
 
 def test_validate_compress_method() -> None:
