@@ -9,6 +9,7 @@ config. Every default lives here. Validation is pydantic's (unknown keys, ranges
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -23,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from addon.policy import PolicyParams
 
 # Go's time.Duration syntax ("50ms", "1m30s"), which Pixiu configs use; no maintained
 # Python library parses exactly this format, and it is a dozen lines.
@@ -240,6 +243,18 @@ def _first_error(err: ValidationError) -> str:
     if len(value) > 60:
         value = value[:57] + "..."
     return f"{key} = {value}: {msg}"
+
+
+# Every PolicyParams field is the config key "routing_" + its name, except these two.
+_ROUTING_KEYS = {"kind": "routing_policy", "load_weight_tokens": "routing_load_weight"}
+
+
+def policy_params(cfg: KVCacheConfig) -> PolicyParams:
+    """The routing policy's knobs, each from its config key (a knob without one fails here,
+    at start-up and in the tests, rather than silently keeping its default)."""
+    return PolicyParams(**{
+        f.name: getattr(cfg, _ROUTING_KEYS.get(f.name, f"routing_{f.name}"))
+        for f in fields(PolicyParams)})
 
 
 def load_config(data: Any) -> KVCacheConfig:

@@ -27,10 +27,15 @@ if _ROOT not in sys.path:
 from mitmproxy import command, ctx, exceptions, http  # noqa: E402
 
 from addon.background import BackgroundPool, Job  # noqa: E402
-from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
+from addon.config import (  # noqa: E402
+    ConfigError,
+    KVCacheConfig,
+    load_config_file,
+    policy_params,
+)
 from addon.lmcache import AsyncLMCache, LMCache  # noqa: E402
 from addon.manager import CacheManager, ManagerSettings  # noqa: E402
-from addon.policy import EndpointState, LoadBalancer, PolicyParams  # noqa: E402
+from addon.policy import EndpointState, LoadBalancer  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
 from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy  # noqa: E402
 from addon.router import Decision, Router  # noqa: E402
@@ -124,12 +129,7 @@ class KVCache:
             balancer=LoadBalancer(cfg.load_balancing), token_cache=self.token_cache,
             lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
             tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
-            policy=PolicyParams(
-                cfg.routing_policy, cfg.routing_load_weight, cfg.routing_load_unit,
-                cfg.routing_prefill_share, cfg.routing_request_tokens,
-                cfg.routing_track_inflight, cfg.routing_recent_tokens,
-                cfg.routing_hot_half_life, cfg.routing_hot_headroom,
-                cfg.routing_congestion_tokens),
+            policy=policy_params(cfg),
             slow_backoff=cfg.slow_backoff,
         )
         cs = cfg.cache_strategy

@@ -189,12 +189,13 @@ class Router:
         if chunks and (p.track_inflight or p.recent_tokens):
             matches = self.index.local_matches(
                 chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0)
+            candidates = self.state.healthy()
+            # Counted with or without a match, as with the controller: shares stay shares.
+            replicas = self.replicas(matches, candidates, chunks)
             if matches:
-                candidates = self.state.healthy()
                 choice = choose(matches, candidates, self.state.inflight,
                                 self.balancer, prompt_tokens=n, params=p,
-                                load_tokens=self.load_tokens(),
-                                replicas=self.replicas(matches, candidates, chunks))
+                                load_tokens=self.load_tokens(), replicas=replicas)
                 if choice.reason == "cache-hit":
                     self.stats.local_hits += 1
                     return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,

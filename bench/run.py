@@ -14,14 +14,14 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import report
-from bench.des import SimConfig, check_engine_path, run_once
+from bench.des import Metrics, SimConfig, check_engine_path, run_once
 from bench.policies import Ours, params_with, policy_factories
 from bench.workloads import DEFAULT_TRACE, Workload, seed_of, standard_workloads
 
@@ -50,6 +50,8 @@ _CFG = SimConfig()
 _SEED = 0
 
 RunKey = tuple[str, int, str]  # workload, load level index, policy name
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def variant_names() -> list[str]:
@@ -84,14 +86,18 @@ def resolve(name: str, cfg: SimConfig) -> tuple[Any, SimConfig]:
     return policy_factories()[name](), cfg
 
 
+def simulate(w: Workload, level: int, pname: str, cfg: SimConfig, seed: int) -> Metrics:
+    """One run: workload `w` at its load level `level` under the policy row `pname`."""
+    qps = w.qps_levels(cfg)[level]
+    policy, run_cfg = resolve(pname, cfg)
+    metrics, _ = run_once(w.requests, w.times(qps, seed), policy, run_cfg,
+                          seed_of(seed, "policy", w.name, level, pname))
+    return metrics
+
+
 def _run(key: RunKey) -> tuple[RunKey, dict[str, Any]]:
     wname, level, pname = key
-    w = _WORKLOADS[wname]
-    qps = w.qps_levels(_CFG)[level]
-    policy, cfg = resolve(pname, _CFG)
-    seed = seed_of(_SEED, "policy", wname, level, pname)
-    metrics, _ = run_once(w.requests, w.times(qps, _SEED), policy, cfg, seed)
-    return key, asdict(metrics)
+    return key, asdict(simulate(_WORKLOADS[wname], level, pname, _CFG, _SEED))
 
 
 def _cost(key: RunKey) -> float:
@@ -99,16 +105,20 @@ def _cost(key: RunKey) -> float:
     return sum(len(r.prompt) for r in w.requests) * (3.0 if key[2] == "oracle" else 1.0)
 
 
-def run_all(keys: Sequence[RunKey], jobs: int) -> dict[RunKey, dict[str, Any]]:
-    # Longest first, so the last runs to finish are short ones (less idle time per core).
-    ordered = sorted(keys, key=_cost, reverse=True)
+def run_parallel(fn: Callable[[K], tuple[K, V]], keys: Sequence[K], jobs: int) -> dict[K, V]:
+    """``fn`` over ``keys`` in ``jobs`` processes forked from this one."""
     if jobs <= 1:
-        return dict(_run(k) for k in ordered)
+        return dict(fn(k) for k in keys)
     # fork: the workers inherit the workloads built in this process instead of unpickling
     # megabytes of prompts each.
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        return dict(pool.map(_run, ordered, chunksize=1))
+        return dict(pool.map(fn, keys, chunksize=1))
+
+
+def run_all(keys: Sequence[RunKey], jobs: int) -> dict[RunKey, dict[str, Any]]:
+    # Longest first, so the last runs to finish are short ones (less idle time per core).
+    return run_parallel(_run, sorted(keys, key=_cost, reverse=True), jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

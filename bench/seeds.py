@@ -12,20 +12,18 @@ tie-breaks.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench import report
-from bench.des import SimConfig, run_once
+from bench.des import SimConfig
 from bench.policies import policy_factories
-from bench.run import resolve, sweep_name
-from bench.workloads import DEFAULT_TRACE, Workload, seed_of, standard_workloads
+from bench.run import run_parallel, simulate, sweep_name
+from bench.workloads import DEFAULT_TRACE, Workload, standard_workloads
 
 # The addon's policy with one knob changed: what each part of the policy is worth.
 OURS_VARIANTS: dict[str, tuple[str, float]] = {
@@ -41,20 +39,7 @@ Key = tuple[int, str, int, str]  # seed, workload, load level index, policy row 
 
 def _run(key: Key) -> tuple[Key, float]:
     seed, wname, level, pname = key
-    w = _WORKLOADS[(seed, wname)]
-    qps = w.qps_levels(_CFG)[level]
-    policy, cfg = resolve(pname, _CFG)
-    metrics, _ = run_once(w.requests, w.times(qps, seed), policy, cfg,
-                          seed_of(seed, "policy", wname, level, pname))
-    return key, metrics.ttft_p95
-
-
-def _run_all(keys: Sequence[Key], jobs: int) -> dict[Key, float]:
-    if jobs <= 1:
-        return dict(_run(k) for k in keys)
-    ctx = multiprocessing.get_context("fork")  # workers inherit the built workloads
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        return dict(pool.map(_run, keys, chunksize=4))
+    return key, simulate(_WORKLOADS[(seed, wname)], level, pname, _CFG, seed).ttft_p95
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _WORKLOADS[(seed, w.name)] = w
     names = list(_WORKLOADS)
     # Round robin at every level first: it decides which levels the conditions cover.
-    rr = _run_all([(s, w, lv, "round-robin") for s, w in names
+    rr = run_parallel(_run, [(s, w, lv, "round-robin") for s, w in names
                    for lv in range(len(_WORKLOADS[(s, w)].load_factors))], args.jobs)
     cells: list[tuple[int, str, int]] = []
     for s, wname in names:
@@ -87,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = ["ours", *variants.values()]
     keys = [(s, w, lv, p) for s, w, lv in cells for p in peers + rows
             if p != "round-robin"]
-    p95 = {**rr, **_run_all(keys, args.jobs)}
+    p95 = {**rr, **run_parallel(_run, keys, args.jobs)}
     wall = time.perf_counter() - t0
 
     command = "python -m bench.seeds" + (" " + shlex.join(argv) if argv else "")

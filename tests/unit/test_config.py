@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from addon.config import ConfigError, load_config, load_config_file, parse_duration
+from addon.config import (
+    ConfigError,
+    load_config,
+    load_config_file,
+    parse_duration,
+    policy_params,
+)
+from addon.policy import PolicyParams
 
 EP = [{"id": "vllm-instance-1", "url": "http://127.0.0.1:8001"}]
 
@@ -79,3 +86,17 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     bad.write_text("endpoints: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config_file(bad)
+
+
+def test_every_routing_knob_comes_from_its_config_key() -> None:
+    assert policy_params(load_config({"endpoints": EP})) == PolicyParams()  # same defaults
+    cfg = load_config({
+        "endpoints": EP, "routing_policy": "longest_match", "routing_load_weight": 7,
+        "routing_load_unit": "requests", "routing_prefill_share": 0.25,
+        "routing_request_tokens": 9, "routing_track_inflight": False,
+        "routing_recent_tokens": 11, "routing_hot_half_life": "3s",
+        "routing_hot_headroom": 0.5, "routing_congestion_tokens": 13})
+    assert policy_params(cfg) == PolicyParams(
+        kind="longest_match", load_weight_tokens=7, load_unit="requests", prefill_share=0.25,
+        request_tokens=9, track_inflight=False, recent_tokens=11, hot_half_life=3.0,
+        hot_headroom=0.5, congestion_tokens=13)

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from addon.lmcache import LookupResult
-from addon.policy import EndpointState, LoadBalancer
+from addon.policy import EndpointState, LoadBalancer, PolicyParams
 from addon.request import LLMRequest, prompt_key
 from addon.resilience import CircuitBreaker, RateLimitedLog, StatusError, UnparsableResponse
 from addon.router import Decision, Router
@@ -47,12 +47,14 @@ class FakeTokenizer:
 
 
 def make(lookup: FakeLookup, tokenizer: FakeTokenizer | None = None, budget: float = 0.2,
-         cache: TokenCache | None = None, breaker: CircuitBreaker | None = None) -> Router:
+         cache: TokenCache | None = None, breaker: CircuitBreaker | None = None,
+         policy: PolicyParams | None = None) -> Router:
     return Router(
         budget=budget, state=EndpointState(IDS, 10), balancer=LoadBalancer("round_robin"),
         token_cache=cache if cache is not None else TokenCache(100, 60), lmcache=lookup,
         tokenizer=tokenizer, controller_breaker=breaker or CircuitBreaker(3, 10, 1),
         tokenizer_breaker=CircuitBreaker(3, 10, 1), failure_log=RateLimitedLog(),
+        policy=policy,
     )
 
 
@@ -157,10 +159,7 @@ async def test_in_flight_prefix_is_merged_before_the_controller_knows() -> None:
 
 
 async def test_in_flight_merge_can_be_turned_off() -> None:
-    from addon.policy import PolicyParams
-
-    r = make(FakeLookup(LookupResult({})))
-    r.policy = PolicyParams(track_inflight=False)
+    r = make(FakeLookup(LookupResult({})), policy=PolicyParams(track_inflight=False))
     r.started("f1", await r.route(ids_req(LONG)))
     assert (await r.route(ids_req(LONG, "t2"))).reason == "round_robin"
 
@@ -179,18 +178,11 @@ async def test_token_load_steers_away_from_a_queued_holder() -> None:
 
 
 async def test_a_hot_prefix_gets_a_second_holder() -> None:
-    from addon.policy import PolicyParams
-
     prompt = tuple(range(4200))
     for half_life, want in ((10.0, ("e2", "cache-spill", "hot-prefix")),
                             (0.0, ("e1", "cache-hit", ""))):
-        r = make(FakeLookup(LookupResult({"e1": 4096})))
-        r.policy = PolicyParams(hot_half_life=half_life)
-        r.__init__(  # rebuild the router's state from the policy, as the addon does
-            budget=r.budget, state=EndpointState(IDS, 10), balancer=r.balancer,
-            token_cache=r.token_cache, lmcache=r.lmcache, tokenizer=None,
-            controller_breaker=r.controller_breaker, tokenizer_breaker=r.tokenizer_breaker,
-            failure_log=r.failure_log, policy=r.policy)
+        r = make(FakeLookup(LookupResult({"e1": 4096})),
+                 policy=PolicyParams(hot_half_life=half_life))
         # The first requests for the prefix go to its holder: a couple of requests do not
         # make a prefix hot, and e1 is cheaper by 4096 cached tokens.
         for i in range(2):
