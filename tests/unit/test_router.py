@@ -194,6 +194,22 @@ async def test_a_hot_prefix_gets_a_second_holder() -> None:
         assert (d.endpoint_id, d.reason, d.why) == want
 
 
+async def test_prefix_shares_count_unmatched_requests_while_the_controller_is_down() -> None:
+    r = make(FakeLookup(ConnectionRefusedError("down")))
+    prompt = tuple(range(4200))
+    for i in range(3):
+        d = await r.route(ids_req(prompt, f"k{i}"))
+        r.started(f"k{i}", d)
+    holder = d.endpoint_id
+    # Six other prompts match nothing the proxy knows; they are most of the recent traffic.
+    for i in range(6):
+        await r.route(ids_req(tuple(range(10_000 * (i + 1), 10_000 * (i + 1) + 600)), f"o{i}"))
+    # Under half of the traffic needs one holder: the busier holder keeps it. (Counting only
+    # the matched requests would make it all of the traffic and copy it to the idle one.)
+    d = await r.route(ids_req(prompt, "k3"))
+    assert (d.endpoint_id, d.reason) == (holder, "local-hit")
+
+
 async def test_controller_down_routes_by_recently_finished_prompts() -> None:
     r = make(FakeLookup(ConnectionRefusedError("down")))
     first = await r.route(ids_req(LONG))
