@@ -175,7 +175,8 @@ class KVCacheConfig(_Section):
     routing_track_inflight: bool = True
     routing_recent_tokens: Count = 100_000
     routing_hot_half_life: Duration = 10.0
-    routing_hot_headroom: Annotated[float, Field(ge=0.0)] = 0.1
+    routing_hot_headroom: Annotated[float, Field(ge=0.0)] = 0.5
+    routing_hot_copy_credit: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     routing_congestion_tokens: Count = 2000
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]

@@ -89,13 +89,16 @@ class PolicyParams:
     # Per endpoint, tokens of recently finished prompts remembered to route by when the
     # controller cannot answer; 0 turns that memory off.
     recent_tokens: int = 100_000
-    # A hot prefix needs more than one holder: its share of the recent requests (counts
-    # decayed with this half-life, in seconds) times the number of endpoints, less
-    # `hot_headroom`, rounded up, is how many endpoints should hold it. While fewer do, every
-    # endpoint is costed as if it held it, so the least loaded one takes a copy now (one
-    # prefill) instead of the holders queueing the prefix's traffic. 0 turns this off.
+    # A hot prefix needs more than one holder: its share of the recent requests (the
+    # requests containing it, counts decayed with this half-life, in seconds) times the
+    # number of endpoints, less `hot_headroom`, rounded up (0.5: rounded to the nearest), is
+    # how many endpoints should hold it. While fewer do, a non-holder is costed as if it held
+    # `hot_copy_credit` of the prefix: the copy it would make serves later requests, so it is
+    # worth part of its prefill now. It then takes a copy once the holders' queues exceed
+    # that much of the prefix, not only once they exceed all of it. 0 turns this off.
     hot_half_life: float = 10.0
-    hot_headroom: float = 0.1
+    hot_headroom: float = 0.5
+    hot_copy_credit: float = 0.5
     # Under congestion an uncached token costs more than its own prefill: with no endpoint
     # idle, the work a cache hit would have saved delays the requests queued behind it too.
     # Uncached tokens weigh 1 + (the least loaded endpoint's load) / this many tokens;
@@ -145,7 +148,7 @@ def choose(
     best: tuple[float, int, int, int] | None = None
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
-        credited = top if spread else matched
+        credited = max(matched, int(p.hot_copy_credit * top)) if spread else matched
         busy = load.get(eid, 0)
         rank = (congestion * (prompt - credited) + weight * busy, -matched, busy, i)
         if best is None or rank < best:

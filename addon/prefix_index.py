@@ -216,15 +216,19 @@ class PrefixIndex:
 
 
 class PrefixHeat:
-    """Each prefix's share of the recent requests: request counts per prefix and in all, each
-    decayed exponentially with `half_life` seconds, so a prefix that was hot a while ago
-    fades. The `max_prefixes` most recently seen prefixes are kept (the rest count as cold).
+    """How much of the recent traffic each prefix carries: per prefix, the requests whose
+    prompt *contains* it (every 256-token prefix of each prompt is counted), and all
+    requests, each count decayed exponentially with `half_life` seconds so that a prefix
+    that was hot a while ago fades. Counting containment rather than each request's
+    deepest match makes an agent's system prompt hot when its sessions are: a new session
+    matches only the system prompt, but every call of every session carries it. The
+    `max_prefixes` most recently seen prefixes are kept (the rest count as cold).
 
     Hand-written: the decayed counter is a few lines of arithmetic; the bounded map is
     cachetools'.
     """
 
-    def __init__(self, half_life: float, max_prefixes: int = 4096) -> None:
+    def __init__(self, half_life: float, max_prefixes: int = 65536) -> None:
         if half_life <= 0 or max_prefixes < 1:
             raise ValueError("half_life and max_prefixes must be positive")
         self._decay = math.log(2) / half_life
@@ -235,16 +239,19 @@ class PrefixHeat:
         n, then = count
         return n * math.exp(-self._decay * max(now - then, 0.0)) + 1.0, now
 
-    def record(self, prefix: Hashable | None, now: float) -> tuple[float, float]:
-        """Count one request for `prefix` (None: a request matching no known prefix) at
-        `now`; the prefix's decayed request count and its share of all recent requests,
-        this one included."""
+    def record(self, prefixes: Sequence[Hashable], depth: int, now: float) -> tuple[float, float]:
+        """Count one request at `now` whose prompt has the chained chunk hashes `prefixes`;
+        for its first `depth` chunks (the prefix it matched; 0: none), the decayed count of
+        the requests that contained that prefix and its share of all recent requests, this
+        one included."""
         self._total = self._bump(self._total, now)
-        if prefix is None:
-            return 0.0, 0.0
-        count = self._bump(self._counts.get(prefix, (0.0, now)), now)
-        self._counts[prefix] = count
-        return count[0], min(count[0] / self._total[0], 1.0)
+        out = (0.0, 0.0)
+        for i, prefix in enumerate(prefixes):
+            count = self._bump(self._counts.get(prefix, (0.0, now)), now)
+            self._counts[prefix] = count
+            if i == depth - 1:
+                out = count[0], min(count[0] / self._total[0], 1.0)
+        return out
 
 
 def merge_matches(*answers: Mapping[str, int]) -> dict[str, int]:

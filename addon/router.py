@@ -211,7 +211,7 @@ class Router:
             return 1
         top = min(max((matches.get(c, 0) for c in candidates), default=0) // CHUNK_TOKENS,
                   len(chunks))
-        count, share = self.heat.record(chunks[top - 1] if top else None, self.clock())
+        count, share = self.heat.record(chunks, top, self.clock())
         # A handful of requests make any prefix look like all of the traffic: until it has
         # had more recent requests than there are endpoints, its share says nothing.
         if count <= len(candidates):

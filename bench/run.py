@@ -39,7 +39,8 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "request_tokens": (64, 128, 256),
     "recent_tokens": (0, 50_000, 100_000, 200_000),
     "hot_half_life": (0, 3, 10, 30),
-    "hot_headroom": (0, 0.1, 0.25, 0.5),
+    "hot_headroom": (0, 0.25, 0.5, 0.75),
+    "hot_copy_credit": (0.25, 0.5, 0.75, 1.0),
     "congestion_tokens": (0, 1000, 2000, 5000),
 }
 # recent_tokens only matters when the controller cannot answer: swept with it down.

@@ -69,6 +69,7 @@ def test_durations(text: object, seconds: float) -> None:
         ({"endpoints": EP, "lmcache_endpoint": "localhost:9000"}, "lmcache_endpoint"),
         ({"endpoints": EP, "routing_hot_half_life": "-1s"}, "routing_hot_half_life = '-1s'"),
         ({"endpoints": EP, "routing_hot_headroom": -0.5}, "routing_hot_headroom = -0.5"),
+        ({"endpoints": EP, "routing_hot_copy_credit": 1.5}, "routing_hot_copy_credit = 1.5"),
         ({"endpoints": EP, "routing_congestion_tokens": -1}, "routing_congestion_tokens = -1"),
     ],
 )
@@ -95,8 +96,9 @@ def test_every_routing_knob_comes_from_its_config_key() -> None:
         "routing_load_unit": "requests", "routing_prefill_share": 0.25,
         "routing_request_tokens": 9, "routing_track_inflight": False,
         "routing_recent_tokens": 11, "routing_hot_half_life": "3s",
-        "routing_hot_headroom": 0.5, "routing_congestion_tokens": 13})
+        "routing_hot_headroom": 0.25, "routing_hot_copy_credit": 0.75,
+        "routing_congestion_tokens": 13})
     assert policy_params(cfg) == PolicyParams(
         kind="longest_match", load_weight_tokens=7, load_unit="requests", prefill_share=0.25,
         request_tokens=9, track_inflight=False, recent_tokens=11, hot_half_life=3.0,
-        hot_headroom=0.5, congestion_tokens=13)
+        hot_headroom=0.25, hot_copy_credit=0.75, congestion_tokens=13)

@@ -100,21 +100,30 @@ def test_hot_prefix_spreads_to_the_least_loaded_non_holder() -> None:
     from addon.policy import PolicyParams
 
     lb = LoadBalancer("least_inflight")
-    p = PolicyParams()
-    load = {"e1": 600, "e2": 0, "e3": 300}
-    # The prefix needs two holders and has one: idle e2 takes a copy, although it must
-    # prefill 4096 tokens more than the busier holder e1.
+    p = PolicyParams(hot_copy_credit=0.5)
+    load = {"e1": 2500, "e2": 0, "e3": 300}
+    # The prefix needs two holders and has one: idle e2 takes a copy. It is credited half
+    # the prefix (5000 - 2048 = 2952 tokens) against the holder's 904 uncached + 2500 queued.
     c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=2)
     assert (c.endpoint_id, c.reason) == ("e2", "hot-spread")
-    # A prefix that needs one holder stays on it.
+    # A prefix that needs one holder stays on it: a full recompute (5000) costs more.
     c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=1)
     assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e1", "cache-hit", 4096)
+    # A holder queued less than half the prefix keeps a hot prefix (904 + 600 < 2952) ...
+    light = {"e1": 600, "e2": 0, "e3": 300}
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=light, replicas=2)
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+    # ... unless a copy is credited in full: then any less loaded endpoint takes one.
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, PolicyParams(hot_copy_credit=1.0),
+               load_tokens=light, replicas=2)
+    assert (c.endpoint_id, c.reason) == ("e2", "hot-spread")
     # Enough holders: the less loaded holder, no new copy.
     c = choose({"e1": 4096, "e3": 4096}, IDS, {}, lb, 5000, p, load_tokens=load, replicas=2)
     assert (c.endpoint_id, c.reason) == ("e3", "cache-hit")
     # A holder as idle as the rest keeps the request (ties go to the match).
     idle = {"e1": 0, "e2": 0, "e3": 0}
-    c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=idle, replicas=3)
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000, PolicyParams(hot_copy_credit=1.0),
+               load_tokens=idle, replicas=3)
     assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
 
 

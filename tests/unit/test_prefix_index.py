@@ -98,23 +98,36 @@ def test_helpers() -> None:
 def test_prefix_heat_is_a_decayed_share_of_recent_requests() -> None:
     heat = PrefixHeat(half_life=10.0)
     for t in range(8):
-        heat.record("hot", float(t))
-    assert heat.record(None, 8.0) == (0.0, 0.0)  # a request matching nothing: total only
-    count, share = heat.record("hot", 8.0)
+        heat.record(["hot"], 1, float(t))
+    assert heat.record(["new"], 0, 8.0) == (0.0, 0.0)  # a request matching nothing
+    count, share = heat.record(["hot"], 1, 8.0)
     hot = sum(0.5 ** ((8 - t) / 10) for t in range(8)) + 1  # each request halves per 10 s
     assert count == pytest.approx(hot)
+    # Every request counts in the total, the one that matched nothing too.
     assert share == pytest.approx(hot / (hot + 1))
     # A new prefix counts 1 against everything recent; a half-life later, "hot" counts half.
-    count, share = heat.record("cold", 18.0)
+    count, share = heat.record(["cold"], 1, 18.0)
     assert count == 1.0 and share == pytest.approx(1 / ((hot + 1) / 2 + 1))
-    assert heat.record("hot", 18.0)[0] == pytest.approx(hot / 2 + 1)
+    assert heat.record(["hot"], 1, 18.0)[0] == pytest.approx(hot / 2 + 1)
+
+
+def test_prefix_heat_counts_the_requests_containing_a_prefix() -> None:
+    heat = PrefixHeat(half_life=1e9)  # no decay: plain counts
+    # Three sessions of one agent: each prompt is the system prompt "sys" + its own chunks.
+    for s in ("a", "b", "c"):
+        heat.record(["sys", f"{s}1", f"{s}2"], 3, 0.0)
+    # A fourth session's first call matches only the system prompt: every earlier call
+    # carried it, so it is all of the traffic, not a quarter of it.
+    assert heat.record(["sys", "d1"], 1, 0.0) == (4.0, 1.0)
+    # A session's own history is its own share.
+    assert heat.record(["sys", "a1", "a2", "a3"], 3, 0.0) == (2.0, 2 / 5)
 
 
 def test_prefix_heat_forgets_beyond_its_bound() -> None:
     heat = PrefixHeat(half_life=10.0, max_prefixes=2)
-    heat.record("a", 0.0)
-    heat.record("b", 0.0)
-    heat.record("c", 0.0)  # "a" is the least recently seen: dropped
-    assert heat.record("a", 0.0)[0] == 1.0
+    heat.record(["a"], 1, 0.0)
+    heat.record(["b"], 1, 0.0)
+    heat.record(["c"], 1, 0.0)  # "a" is the least recently seen: dropped
+    assert heat.record(["a"], 1, 0.0)[0] == 1.0
     with pytest.raises(ValueError):
         PrefixHeat(half_life=0)

@@ -7,6 +7,7 @@ import pytest
 
 from addon.lmcache import LookupResult
 from addon.policy import EndpointState, LoadBalancer, PolicyParams
+from addon.prefix_index import chunk_hashes
 from addon.request import LLMRequest, prompt_key
 from addon.resilience import CircuitBreaker, RateLimitedLog, StatusError, UnparsableResponse
 from addon.router import Decision, Router
@@ -183,15 +184,34 @@ async def test_a_hot_prefix_gets_a_second_holder() -> None:
                             (0.0, ("e1", "cache-hit", ""))):
         r = make(FakeLookup(LookupResult({"e1": 4096})),
                  policy=PolicyParams(hot_half_life=half_life))
+        # e1 has 3128 tokens of other work queued: less than the 4096 cached tokens are
+        # worth, more than half of them (what a copy of a hot prefix is credited).
+        r.started("other", Decision("e1", "round_robin", prompt_tokens=5000))
         # The first requests for the prefix go to its holder: a couple of requests do not
-        # make a prefix hot, and e1 is cheaper by 4096 cached tokens.
+        # make a prefix hot.
         for i in range(2):
             d = await r.route(ids_req(prompt, f"k{i}"))
             assert (d.endpoint_id, d.reason) == ("e1", "cache-hit")
             r.started(f"k{i}", d)
-        # Now it is all of the recent traffic, on one of two endpoints, and e1 is busier.
+        # Now it is all of the recent traffic and needs both endpoints: e2 takes a copy.
         d = await r.route(ids_req(prompt, "k2"))
         assert (d.endpoint_id, d.reason, d.why) == want
+
+
+async def test_a_system_prompt_is_as_hot_as_the_sessions_that_carry_it() -> None:
+    r = make(FakeLookup(LookupResult({})))
+    system = tuple(range(2560))
+
+    def call(session: int, n: int) -> tuple[int, ...]:
+        return chunk_hashes(system + tuple(range(10**6 * session, 10**6 * session + n)))
+
+    # Three sessions' calls, each matching its own history beyond the system prompt.
+    for s in (1, 2, 3):
+        assert r.replicas({"e1": 3584}, IDS, call(s, 1024)) == 1
+    # A new session matches the system prompt only; every call so far carried it, so it
+    # needs both endpoints (counting only requests whose deepest match it is: one).
+    assert r.replicas({"e1": 2560}, IDS, call(4, 300)) == 2
+    assert r.replicas({"e1": 3584}, IDS, call(1, 1024)) == 1  # a session stays put
 
 
 async def test_prefix_shares_count_unmatched_requests_while_the_controller_is_down() -> None:
