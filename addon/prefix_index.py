@@ -29,8 +29,6 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
-from cachetools import LRUCache
-
 # LMCache's chunk: the controller never matches less, so neither does the proxy's own view.
 CHUNK_TOKENS = 256
 # A request whose end is never seen (a hook that did not fire) must not pin memory forever:
@@ -224,15 +222,18 @@ class PrefixHeat:
     matches only the system prompt, but every call of every session carries it. The
     `max_prefixes` most recently seen prefixes are kept (the rest count as cold).
 
-    Hand-written: the decayed counter is a few lines of arithmetic; the bounded map is
-    cachetools'.
+    Hand-written: the decayed counter is a few lines of arithmetic, and the bound is an
+    OrderedDict rather than cachetools' LRUCache because every chunk of every prompt passes
+    through it on the request path, where LRUCache's bookkeeping in Python costs several
+    times OrderedDict's in C (`python -m bench.route_cost` times the routing step).
     """
 
     def __init__(self, half_life: float, max_prefixes: int = 65536) -> None:
         if half_life <= 0 or max_prefixes < 1:
             raise ValueError("half_life and max_prefixes must be positive")
         self._decay = math.log(2) / half_life
-        self._counts: LRUCache[Hashable, tuple[float, float]] = LRUCache(max_prefixes)
+        self._max = max_prefixes
+        self._counts: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
         self._total = (0.0, 0.0)
 
     def _bump(self, count: tuple[float, float], now: float) -> tuple[float, float]:
@@ -245,10 +246,17 @@ class PrefixHeat:
         the requests that contained that prefix and its share of all recent requests, this
         one included."""
         self._total = self._bump(self._total, now)
+        counts = self._counts
         out = (0.0, 0.0)
         for i, prefix in enumerate(prefixes):
-            count = self._bump(self._counts.get(prefix, (0.0, now)), now)
-            self._counts[prefix] = count
+            old = counts.get(prefix)
+            if old is None:
+                count = counts[prefix] = (1.0, now)
+                if len(counts) > self._max:
+                    counts.popitem(last=False)
+            else:
+                count = counts[prefix] = self._bump(old, now)
+                counts.move_to_end(prefix)
             if i == depth - 1:
                 out = count[0], min(count[0] / self._total[0], 1.0)
         return out

@@ -495,3 +495,19 @@ def test_seeds_report_runs_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     rows = [line for line in text.splitlines() if line.startswith("| chat |")]
     assert rows and all(len(r.split("|")[3].split("/")) == 2 for r in rows)  # a ratio per seed
     assert "- ours: " in text
+
+
+def test_route_cost_report_runs_small(tmp_path: Path) -> None:
+    import bench.route_cost as RC
+
+    assert RC.main(["--sizes", "1024,4096", "--requests", "20", "--repeats", "1",
+                    "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "route-cost.md").read_text()
+    assert "Command: `python -m bench.route_cost --sizes 1024,4096" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and "us (" in line}
+    assert set(rows) == {"chunk hashing only", *RC.VARIANTS}
+    # Routing hashes the prompt and then does more: never cheaper than hashing alone.
+    for name in RC.VARIANTS:
+        ratios = [float(c.split("(")[1].rstrip("x) ")) for c in rows[name].split("|")[2:4]]
+        assert all(r > 1.0 for r in ratios), (name, ratios)
