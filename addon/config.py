@@ -170,14 +170,14 @@ class KVCacheConfig(_Section):
     # Load per endpoint: "tokens" (the proxy's estimate of queued prefill + per-request
     # tokens) or "requests" (routing_load_weight x in-flight requests).
     routing_load_unit: Literal["tokens", "requests"] = "tokens"
-    routing_prefill_share: Annotated[float, Field(ge=0.0, le=4.0)] = 0.6
-    routing_request_tokens: Count = 128
+    routing_prefill_share: Annotated[float, Field(ge=0.0, le=4.0)] = 0.7
+    routing_request_tokens: Count = 160
     routing_track_inflight: bool = True
     routing_recent_tokens: Count = 100_000
     routing_hot_half_life: Duration = 10.0
     routing_hot_headroom: Annotated[float, Field(ge=0.0)] = 0.5
     routing_hot_copy_credit: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    routing_congestion_tokens: Count = 2000
+    routing_congestion_tokens: Count = 3000
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
     tokenize_on_request_path: bool = True

@@ -80,9 +80,9 @@ class PolicyParams:
     load_unit: str = "tokens"
     # Share of a routed request's uncached tokens counted as load until its prefill is seen
     # to be over: a new request queues behind part of it on average, not all of it.
-    prefill_share: float = 0.6
+    prefill_share: float = 0.7
     # Load per unfinished request, in tokens: its decode slot (and it spreads ties).
-    request_tokens: int = 128
+    request_tokens: int = 160
     # Merge the prefixes of requests in flight into the controller's matches: the controller
     # learns a prefix only once its prefill is over.
     track_inflight: bool = True
@@ -100,10 +100,11 @@ class PolicyParams:
     hot_headroom: float = 0.5
     hot_copy_credit: float = 0.5
     # Under congestion an uncached token costs more than its own prefill: with no endpoint
-    # idle, the work a cache hit would have saved delays the requests queued behind it too.
-    # Uncached tokens weigh 1 + (the least loaded endpoint's load) / this many tokens;
-    # 0 weighs them 1 whatever the load.
-    congestion_tokens: int = 2000
+    # free to prefill now, the work a cache hit would have saved delays the requests queued
+    # behind it too. Uncached tokens weigh 1 + (the least queued prefill of any endpoint) /
+    # this many tokens; 0 weighs them 1 whatever the load. Only queued prefill counts, not
+    # the per-request term: requests that are decoding do not hold up a prefill.
+    congestion_tokens: int = 3000
 
 
 def choose(
@@ -115,6 +116,7 @@ def choose(
     params: PolicyParams | None = None,
     load_tokens: Mapping[str, int] | None = None,
     replicas: int = 1,
+    prefill_tokens: Mapping[str, int] | None = None,
 ) -> Choice:
     """The endpoint for one request.
 
@@ -123,7 +125,9 @@ def choose(
     requests per endpoint; `load_tokens`: the proxy's estimate of each endpoint's queued work
     in prompt tokens, used instead of `inflight` (for the cost, the tie-breaks and the
     balancer) when given and `params.load_unit` is "tokens"; `replicas`: how many endpoints
-    should hold the matched prefix (more than one for a hot prefix, see `PolicyParams`).
+    should hold the matched prefix (more than one for a hot prefix, see `PolicyParams`);
+    `prefill_tokens`: the queued prefill alone per endpoint, for the congestion weight
+    (`load` when not given).
     """
     p = params or PolicyParams()
     by_tokens = load_tokens is not None and p.load_unit == "tokens"
@@ -144,7 +148,8 @@ def choose(
         1 for e in candidates if matches.get(e, 0) >= holder[1]) < replicas
     congestion = 1.0
     if p.congestion_tokens:
-        congestion += weight * min(load.get(e, 0) for e in candidates) / p.congestion_tokens
+        queued = prefill_tokens if prefill_tokens is not None else load
+        congestion += weight * min(queued.get(e, 0) for e in candidates) / p.congestion_tokens
     best: tuple[float, int, int, int] | None = None
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)

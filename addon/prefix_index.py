@@ -206,6 +206,10 @@ class PrefixIndex:
             for e in self._ids
         }
 
+    def prefill_load(self) -> dict[str, int]:
+        """Endpoint -> estimated queued prefill in prompt tokens (no per-request term)."""
+        return {e: int(self.prefill_share * self._pending.get(e, 0)) for e in self._ids}
+
     def inflight(self, endpoint: str) -> int:
         return self._count.get(endpoint, 0)
 

@@ -175,6 +175,9 @@ class Router:
     def load_tokens(self) -> dict[str, int] | None:
         return self.index.load() if self.policy.load_unit == "tokens" else None
 
+    def prefill_tokens(self) -> dict[str, int] | None:
+        return self.index.prefill_load() if self.policy.load_unit == "tokens" else None
+
     def balance(self, why: str) -> Decision:
         candidates = self.state.healthy()
         load = self.load_tokens()
@@ -195,7 +198,8 @@ class Router:
             if matches:
                 choice = choose(matches, candidates, self.state.inflight,
                                 self.balancer, prompt_tokens=n, params=p,
-                                load_tokens=self.load_tokens(), replicas=replicas)
+                                load_tokens=self.load_tokens(), replicas=replicas,
+                                prefill_tokens=self.prefill_tokens())
                 if choice.reason == "cache-hit":
                     self.stats.local_hits += 1
                     return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
@@ -335,6 +339,7 @@ class Router:
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
                                 prompt_tokens=n, params=self.policy,
                                 load_tokens=self.load_tokens(),
+                                prefill_tokens=self.prefill_tokens(),
                                 replicas=self.replicas(matches, candidates, chunks))
         if choice.reason == "cache-hit":
             self.stats.cache_hits += 1

@@ -172,8 +172,10 @@ def build(
         "by 10% (median) and 27% (75th percentile), more past saturation: trust a gap of "
         "~1.5x, or a pattern that holds across load levels and workloads, not a single "
         "cell. `python -m bench.seeds` re-judges the win conditions on seeds 0-2 "
-        "(`routing-seeds.md`). Past saturation TTFT keeps growing with the length of the "
-        "run, so compare policies at the same level rather than absolute values.")
+        "(`routing-seeds.md`), on which the defaults were chosen, and `--seeds 3,4,5` on "
+        "held-out ones (`held-out/routing-seeds.md`). Past saturation TTFT keeps growing "
+        "with the length of the run, so compare policies at the same level rather than "
+        "absolute values.")
     add("- The engine model decodes at a flat step time (batch size does not slow it), "
         "charges nothing for attention over a cached context, and has one GPU tier: a miss "
         "is a full recompute (no LMCache CPU/disk offload to fall back on), which is the "

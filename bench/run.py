@@ -35,13 +35,13 @@ STALENESS_S = 2.0
 # The addon's routing knobs tried in the sweep section (config key: values); the defaults
 # in addon/policy.py (PolicyParams) were chosen from these tables.
 SWEEPS: dict[str, tuple[float, ...]] = {
-    "prefill_share": (0.5, 0.6, 0.75, 1.0),
-    "request_tokens": (64, 128, 256),
+    "prefill_share": (0.5, 0.6, 0.7, 0.8, 1.0),
+    "request_tokens": (64, 128, 160, 256),
     "recent_tokens": (0, 50_000, 100_000, 200_000),
     "hot_half_life": (0, 3, 10, 30),
     "hot_headroom": (0, 0.25, 0.5, 0.75),
     "hot_copy_credit": (0.25, 0.5, 0.75, 1.0),
-    "congestion_tokens": (0, 1000, 2000, 5000),
+    "congestion_tokens": (0, 1000, 3000, 5000),
 }
 # recent_tokens only matters when the controller cannot answer: swept with it down.
 SWEEP_DOWN = {"recent_tokens"}

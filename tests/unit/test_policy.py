@@ -146,3 +146,8 @@ def test_congestion_weighs_uncached_tokens_up() -> None:
     c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=2000),
                load_tokens={**busy, "e3": 0})
     assert (c.endpoint_id, c.reason) == ("e3", "cache-spill")
+    # Congestion is queued prefill only: requests decoding on e2 (its load is all
+    # per-request tokens, nothing left to prefill) leave it free to prefill now.
+    c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=2000),
+               load_tokens=busy, prefill_tokens={"e1": 3000, "e2": 0, "e3": 1000})
+    assert (c.endpoint_id, c.reason) == ("e2", "cache-spill")

@@ -47,11 +47,14 @@ def test_load_is_queued_prefill_share_plus_per_request_tokens() -> None:
     idx.add("r1", "e1", (), 1000)
     idx.add("r2", "e1", (), 200)
     assert idx.load() == {"e1": 600 + 128, "e2": 0}
+    assert idx.prefill_load() == {"e1": 600, "e2": 0}
     idx.prefill_done("r1")
     idx.prefill_done("r1")  # once only
     assert idx.load()["e1"] == 100 + 128
+    assert idx.prefill_load()["e1"] == 100
     idx.remove("r2")
     assert idx.load()["e1"] == 64
+    assert idx.prefill_load()["e1"] == 0  # r1 is decoding: no prefill queued
     idx.remove("r1")
     assert idx.load() == {"e1": 0, "e2": 0}
 

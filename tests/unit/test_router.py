@@ -146,16 +146,19 @@ def ids_req(tokens: tuple[int, ...], key: str = "t") -> LLMRequest:
 
 async def test_in_flight_prefix_is_merged_before_the_controller_knows() -> None:
     r = make(FakeLookup(LookupResult({})))
-    first = await r.route(ids_req(LONG))
-    assert first.reason == "round_robin" and len(first.chunks) == 2
+    doc = tuple(range(2600))
+    first = await r.route(ids_req(doc))
+    assert first.reason == "round_robin" and len(first.chunks) == 10
     r.started("f1", first)
-    # The controller still knows nothing (prefill not over); the index does.
-    d = await r.route(ids_req(LONG + (7,) * 300, "t2"))
-    assert (d.endpoint_id, d.reason, d.matched_tokens) == (first.endpoint_id, "cache-hit", 512)
+    # The controller still knows nothing (prefill not over); the index does. Waiting behind
+    # the first request's prefill beats recomputing its 2560 tokens elsewhere.
+    d = await r.route(ids_req(doc + (7,) * 300, "t2"))
+    assert (d.endpoint_id, d.reason, d.matched_tokens) == (
+        first.endpoint_id, "cache-hit", 2560)
     assert "chunks" not in d.as_metadata()
     r.finished("f1", first.endpoint_id)
     assert r.state.inflight[first.endpoint_id] == 0
-    d = await r.route(ids_req(LONG, "t3"))
+    d = await r.route(ids_req(doc, "t3"))
     assert d.reason == "round_robin"  # finished: the controller is the authority again
 
 
@@ -184,9 +187,10 @@ async def test_a_hot_prefix_gets_a_second_holder() -> None:
                             (0.0, ("e1", "cache-hit", ""))):
         r = make(FakeLookup(LookupResult({"e1": 4096})),
                  policy=PolicyParams(hot_half_life=half_life))
-        # e1 has 3128 tokens of other work queued: less than the 4096 cached tokens are
-        # worth, more than half of them (what a copy of a hot prefix is credited).
-        r.started("other", Decision("e1", "round_robin", prompt_tokens=5000))
+        # e1 has 2470 tokens of other work queued (0.7 x 3300 + 160): less than the 4096
+        # cached tokens are worth, more than half of them (what a copy of a hot prefix is
+        # credited).
+        r.started("other", Decision("e1", "round_robin", prompt_tokens=3300))
         # The first requests for the prefix go to its holder: a couple of requests do not
         # make a prefix hot.
         for i in range(2):
