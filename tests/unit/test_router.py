@@ -181,6 +181,20 @@ async def test_token_load_steers_away_from_a_queued_holder() -> None:
     assert (d.endpoint_id, d.reason) == ("e1", "cache-hit")
 
 
+async def test_decoding_requests_are_not_congestion() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 2048})))
+    # e1 (the holder) has a 4000-token prefill queued: 0.7 x 4000 + 160 = 2960 load.
+    r.started("q", Decision("e1", "round_robin", prompt_tokens=4000))
+    # e2 has five requests past their first byte, decoding: 5 x 160 = 800 load, no prefill.
+    for i in range(5):
+        r.started(f"d{i}", Decision("e2", "round_robin", prompt_tokens=600))
+        r.first_byte(f"d{i}")
+    # e2 can start this prefill now: 3000 + 800 beats 952 + 2960 on e1. Counting e2's
+    # decoding requests as congestion (weight 1 + 800/3000) would keep it on e1.
+    d = await r.route(ids_req(tuple(range(3000))))
+    assert (d.endpoint_id, d.reason, d.why) == ("e2", "cache-spill", "holder-busy")
+
+
 async def test_a_hot_prefix_gets_a_second_holder() -> None:
     prompt = tuple(range(4200))
     for half_life, want in ((10.0, ("e2", "cache-spill", "hot-prefix")),
