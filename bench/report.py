@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,15 @@ POLICY_NOTES = {
     "oracle": "knows every cache and queue exactly, picks the smallest estimated TTFT "
               "(greedy reference, not a bound)",
 }
+
+
+def publish(lines: Sequence[str], out_dir: Path, name: str) -> None:
+    """Print a markdown report and write it to `out_dir/name` (the scripts' last step)."""
+    text = "\n".join(lines)
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(text)
+    print(f"wrote {out_dir / name}", file=sys.stderr)
 
 
 def is_ours(name: str) -> bool:

@@ -29,6 +29,7 @@ from addon.prefix_index import chunk_hashes
 from addon.request import LLMRequest
 from addon.resilience import CircuitBreaker, RateLimitedLog
 from addon.router import Router
+from bench import report
 
 ENDPOINTS = [f"e{i}" for i in range(4)]
 SIZES = (1024, 4096, 16384, 65536)
@@ -130,11 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cells.append(f"{r[row] * 1e6:,.0f} us ({r[row] / r['chunk hashing only']:.2f}x)")
         out.append(f"| {row} | " + " | ".join(cells) + " |")
     out += ["", f"Wall time {wall:.1f} s (machine-dependent).", ""]
-    text = "\n".join(out)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "route-cost.md").write_text(text)
-    print(f"wrote {args.out / 'route-cost.md'}", file=sys.stderr)
+    report.publish(out, args.out, "route-cost.md")
     return 0
 
 

@@ -132,11 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.append(f"- {label}: {sum(held[r])} of {len(held[r])}")
     out += ["", f"{len(p95)} simulations; wall time {wall:.1f} s on {args.jobs} process(es) "
             "(the only number here that depends on the machine).", ""]
-    text = "\n".join(out)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "routing-seeds.md").write_text(text)
-    print(f"wrote {args.out / 'routing-seeds.md'}", file=sys.stderr)
+    report.publish(out, args.out, "routing-seeds.md")
     return 0
 
 
