@@ -28,6 +28,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
+from typing import TypeVar
+
+_K = TypeVar("_K", bound=Hashable)
 
 # LMCache's chunk: the controller never matches less, so neither does the proxy's own view.
 CHUNK_TOKENS = 256
@@ -67,6 +70,17 @@ def chunk_hashes(tokens: Sequence[int]) -> tuple[int, ...]:
         prev = h.digest()
         out.append(int.from_bytes(prev, "little"))
     return tuple(out)
+
+
+def release(counts: Counter[_K], keys: Iterable[_K]) -> None:
+    """Take one of each key off a refcount, dropping the keys that reach zero (unlike
+    `Counter.subtract`, which keeps them, or `-=`, which rebuilds the whole counter)."""
+    for k in keys:
+        left = counts[k] - 1
+        if left > 0:
+            counts[k] = left
+        else:
+            del counts[k]
 
 
 def leading_match(hashes: Sequence[int], *present: Mapping[int, object]) -> int:
@@ -155,13 +169,7 @@ class PrefixIndex:
         if t is None:
             return None
         e = t.endpoint
-        chunks = self._chunks[e]
-        for h in t.hashes:
-            left = chunks[h] - 1
-            if left > 0:
-                chunks[h] = left
-            else:
-                del chunks[h]
+        release(self._chunks[e], t.hashes)
         self._pending[e] -= t.pending
         self._count[e] -= 1
         if remember and self.recent_chunks and t.hashes:

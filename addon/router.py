@@ -35,9 +35,6 @@ from addon.tokens import TokenCache
 
 logger = logging.getLogger(__name__)
 
-# The controller hashes tokens in 256-token chunks (CHUNK_TOKENS): a shorter prompt never
-# matches, so asking about one only spends the budget.
-
 
 class Lookup(Protocol):
     async def lookup(self, tokens: list[int] | tuple[int, ...], timeout: float) -> LookupResult:
@@ -296,6 +293,8 @@ class Router:
         n = len(tokens)
         phase.prompt_tokens, phase.source = n, source
         if n < CHUNK_TOKENS:
+            # The controller hashes 256-token chunks: a shorter prompt never matches, so
+            # asking about one only spends the budget.
             return self._with(self.balance("short-prompt"), n, source)
         chunks = phase.chunks = chunk_hashes(tokens)
         if self.controller_breaker.is_open() or not self.controller_breaker.allow():

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from addon.prefix_index import release
 from bench.prompts import Prompt
 from sim.chunks import CHUNK_SIZE, chunk_hashes
 from sim.engine_model import DEFAULT_CAPACITY_TOKENS, CostModel, EngineModel, RequestPlan
@@ -310,14 +311,8 @@ class Simulation:
             eng.prefill_end = end
         eng.release_at[idx] = end + plan.decode_s
         eng.running_kv_tokens += plan.prompt_tokens + plan.output_tokens
-        pending = eng.pending_blocks
-        if pending is not None:
-            for b in req.prompt.blocks:
-                left = pending[b] - 1
-                if left:
-                    pending[b] = left
-                else:
-                    del pending[b]
+        if eng.pending_blocks is not None:
+            release(eng.pending_blocks, req.prompt.blocks)
         self._push(end, _PREFILL_DONE, idx)
 
     def _prefill_done(self, idx: int) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from addon import policy as addon_policy
 from addon.lmcache import LookupResult
+from addon.prefix_index import release
 from addon.request import LLMRequest
 from addon.resilience import CircuitBreaker, RateLimitedLog
 from addon.router import Router
@@ -392,13 +393,7 @@ class DynamoKv(BasePolicy):
         self._prefill[eid] -= self._req_prefill.pop(req.idx)
 
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None:
-        active = self._active[eid]
-        for b in req.prompt.blocks:
-            left = active[b] - 1
-            if left:
-                active[b] = left
-            else:
-                del active[b]
+        release(self._active[eid], req.prompt.blocks)
 
 
 # --- the seed -----------------------------------------------------------------------------

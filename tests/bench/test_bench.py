@@ -488,8 +488,13 @@ def test_seeds_report_runs_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(S, "_CFG", SimConfig(capacity_tokens=50_000))
     monkeypatch.setattr(S, "standard_workloads", lambda cfg, seed, scale, trace: [
         w for w in standard_workloads(cfg, seed, 0.1, None, ["chat"])])
-    assert S.main(["--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert S.main(["--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path),
+                   "--vary", "hot_headroom=0.25"]) == 0
     text = (tmp_path / "routing-seeds.md").read_text()
+    assert "`ours, hot_headroom 0.25` sets `hot_headroom: 0.25`" in text
+    assert "- ours, hot_headroom 0.25: " in text
+    with pytest.raises(SystemExit):  # a knob the addon does not have is refused
+        S.main(["--vary", "no_such_knob=1", "--out", str(tmp_path)])
     assert text.startswith("# Routing benchmark: the win conditions over several seeds")
     assert "Command: `python -m bench.seeds --seeds 0,1" in text
     rows = [line for line in text.splitlines() if line.startswith("| chat |")]

@@ -1,5 +1,7 @@
 """The proxy's own prefix view: chunk hashes, the in-flight index, its load estimate."""
 
+from collections import Counter
+
 import pytest
 
 from addon.prefix_index import (
@@ -9,6 +11,7 @@ from addon.prefix_index import (
     chunk_hashes,
     leading_match,
     merge_matches,
+    release,
 )
 
 A = tuple(range(1000))  # 3 full chunks
@@ -92,6 +95,9 @@ def test_re_adding_a_request_replaces_it() -> None:
 
 
 def test_helpers() -> None:
+    counts = Counter({"a": 2, "b": 1})
+    release(counts, ["a", "b"])
+    assert counts == Counter({"a": 1}) and "b" not in counts  # zero counts are dropped
     assert leading_match([1, 2, 3], {1: 1}, {2: 1}) == 2
     assert merge_matches({"a": 256, "b": 512}, {"a": 768}) == {"a": 768, "b": 512}
     with pytest.raises(ValueError):
