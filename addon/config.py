@@ -182,7 +182,22 @@ class KVCacheConfig(_Section):
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
     tokenize_on_request_path: bool = True
     route_header: bool = True
+    # Outlier ejection (addon/health.py): an endpoint that refuses a connection is ejected at
+    # once; after this many resets or 5xx answers in a row too. Ejections last
+    # unhealthy_cooldown x the ejections in a row, at most outlier_max_ejection; at most
+    # outlier_max_ejected_share of the endpoints are ejected for resets and 5xx.
     unhealthy_cooldown: Duration = 10.0
+    outlier_consecutive_failures: Positive = 5
+    outlier_max_ejection: Duration = 300.0
+    outlier_max_ejected_share: Ratio = 0.5
+    # Optional active check: GET this path on every endpoint each interval ("" = off); a
+    # failure ejects the endpoint, a success ends its ejection.
+    health_check_path: str = ""
+    health_check_interval: Duration = 5.0
+    # Bounded work per request: bodies over this many bytes (raw, or once inflated) are not
+    # read for routing (why=too-large); prompts over tokenize_max_chars are not tokenized.
+    route_max_body_bytes: Positive = 4 * 1024 * 1024
+    tokenize_max_chars: Positive = 1024 * 1024
     # After failure_threshold lookups (or on-path tokenizations) in a row time out at the
     # routing budget, the request path skips them this long.
     slow_backoff: Duration = 1.0
@@ -205,6 +220,13 @@ class KVCacheConfig(_Section):
             if ep.id in seen:
                 raise ValueError(f"duplicate endpoint id {ep.id!r} (endpoints.{i}.id)")
             seen.add(ep.id)
+        return v
+
+    @field_validator("health_check_path")
+    @classmethod
+    def _health_path(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError("must be empty or a path starting with /")
         return v
 
     @field_validator("llm_paths")

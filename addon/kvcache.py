@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +26,58 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from mitmproxy import command, ctx, exceptions, http  # noqa: E402
+from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from addon.background import BackgroundPool, Job  # noqa: E402
-from addon.config import (  # noqa: E402
-    ConfigError,
-    KVCacheConfig,
-    load_config_file,
-    policy_params,
-)
-from addon.lmcache import AsyncLMCache, LMCache  # noqa: E402
-from addon.manager import CacheManager, ManagerSettings  # noqa: E402
-from addon.policy import EndpointState, LoadBalancer  # noqa: E402
+from addon.body import OFF_LOOP_BYTES, NotRoutable, needs_thread, routable_body  # noqa: E402
+from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
+from addon.logs import ToLoop, relay_thread_logs, stop_relay  # noqa: E402
+from addon.manager import CacheManager  # noqa: E402
+from addon.parts import Parts, build  # noqa: E402
+from addon.policy import EndpointState  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
-from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy  # noqa: E402
 from addon.router import Decision, Router  # noqa: E402
-from addon.strategy import validate_compress_method  # noqa: E402
-from addon.tokens import Hotness, TokenCache  # noqa: E402
-from addon.vllm import AsyncTokenizer, Engine  # noqa: E402
+from addon.tokens import TokenCache  # noqa: E402
+from addon.vllm import AsyncHealthCheck  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-kvcache-route"
-LARGE_BODY = 256 * 1024
+LARGE_BODY = OFF_LOOP_BYTES
 
 
 class KVCache:
     def __init__(self) -> None:
         self.cfg: KVCacheConfig | None = None
         self.running_ = False
-        self.router: Router | None = None
-        self.state: EndpointState | None = None
-        self.pool: BackgroundPool | None = None
-        self.manager: CacheManager | None = None
-        self.hotness: Hotness | None = None
-        self.token_cache: TokenCache | None = None
-        self._closers: list[Any] = []
+        self.parts: Parts | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: dict[str, Job] = {}  # flow id -> its background job, until it ends
         self._flow_endpoint: dict[str, str] = {}  # flow id -> endpoint counted in flight
+        # Bodies too large to read on the event loop (and gzip bodies) are read here.
+        self._readers: ThreadPoolExecutor | None = None
+        self._log_relay: ToLoop | None = None
+
+    # The parts, for the commands and the tests.
+    @property
+    def router(self) -> Router | None:
+        return self.parts.router if self.parts else None
+
+    @property
+    def state(self) -> EndpointState | None:
+        return self.parts.state if self.parts else None
+
+    @property
+    def pool(self) -> BackgroundPool | None:
+        return self.parts.pool if self.parts else None
+
+    @property
+    def manager(self) -> CacheManager | None:
+        return self.parts.manager if self.parts else None
+
+    @property
+    def token_cache(self) -> TokenCache | None:
+        return self.parts.token_cache if self.parts else None
 
     def load(self, loader: Any) -> None:
         # mitmproxy's root logger is at DEBUG: keep the HTTP clients' per-request lines out.
@@ -106,49 +121,17 @@ class KVCache:
         cfg = self.cfg
         if cfg is None:
             return
+        self.parts = build(cfg)
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="kvcache-read")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._log_relay = relay_thread_logs(loop)
+            if cfg.health_check_path:
+                self._spawn(self._health_checks(self.parts))
         ids = [ep.id for ep in cfg.endpoints]
-        self.state = EndpointState(ids, cfg.unhealthy_cooldown)
-        self.token_cache = (
-            TokenCache(cfg.token_cache.max_size, cfg.token_cache.ttl)
-            if cfg.token_cache.enabled else None
-        )
-        self.hotness = Hotness(cfg.hot_window, cfg.hot_max_records)
-        cb = cfg.circuit_breaker
-        controller_breaker = CircuitBreaker(
-            cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, name="controller")
-        tokenizer_breaker = CircuitBreaker(
-            cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, name="tokenizer")
-        failure_log = RateLimitedLog()
-        lmcache = AsyncLMCache(cfg.lmcache_endpoint)
-        tokenizer = AsyncTokenizer(cfg.vllm_endpoint) if cfg.tokenize_on_request_path else None
-        engine = Engine()
-        lmcache_bg = LMCache(cfg.lmcache_endpoint)
-        self._closers = [lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else [])
-        self.router = Router(
-            budget=cfg.lookup_routing_timeout, state=self.state,
-            balancer=LoadBalancer(cfg.load_balancing), token_cache=self.token_cache,
-            lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
-            tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
-            policy=policy_params(cfg),
-            slow_backoff=cfg.slow_backoff,
-        )
-        cs = cfg.cache_strategy
-        if warning := validate_compress_method(cs.compress_method):
-            logger.warning(f"[kvcache] {warning}")
-        self.manager = CacheManager(
-            settings=ManagerSettings(
-                strategy=cs,
-                retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.base_backoff,
-                                  cfg.retry.max_backoff),
-                hot_window=cfg.hot_window, request_timeout=cfg.request_timeout,
-            ),
-            tokenizer_url=cfg.vllm_endpoint,
-            endpoint_urls={ep.id: ep.url for ep in cfg.endpoints},
-            engine=engine, lmcache=lmcache_bg, token_cache=self.token_cache,
-            tokenizer_breaker=tokenizer_breaker, controller_breaker=controller_breaker,
-            failure_log=failure_log,
-        )
-        self.pool = BackgroundPool(cfg.background.workers, cfg.background.queue_size)
         logger.info(
             f"[kvcache] routing {len(ids)} endpoints ({', '.join(ids)}) by LMCache at "
             f"{cfg.lmcache_endpoint}; budget {cfg.lookup_routing_timeout * 1000:.0f} ms, "
@@ -156,53 +139,101 @@ class KVCache:
         )
 
     def _stop(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-        for c in self._closers:
-            if hasattr(c, "aclose"):
-                try:
-                    task = asyncio.get_running_loop().create_task(c.aclose())
-                except RuntimeError:
-                    continue  # no loop left: the process is ending anyway
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            else:
-                c.close()
-        self._closers = []
-        self.router = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self.parts is not None:
+            self.parts.close(self._tasks)
+            self.parts = None
+        if self._readers is not None:
+            self._readers.shutdown(wait=False, cancel_futures=True)
+            self._readers = None
+        if self._log_relay is not None:
+            stop_relay(self._log_relay)
+            self._log_relay = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _health_checks(self, parts: Parts) -> None:
+        cfg, health = parts.cfg, parts.state.health
+        checker = AsyncHealthCheck()
+        try:
+            while True:
+                results = await asyncio.gather(*(
+                    checker.check(ep.url, cfg.health_check_path, cfg.health_check_interval)
+                    for ep in cfg.endpoints))
+                for ep, why in zip(cfg.endpoints, results, strict=True):
+                    if not why:
+                        if health.ejected(ep.id):
+                            logger.info(f"[kvcache] endpoint {ep.id} passed its health check; "
+                                        "back in rotation")
+                        health.probe_ok(ep.id)
+                    elif health.failure(ep.id, "probe"):
+                        self._ejected(ep.id, f"failed its health check ({why})")
+                await asyncio.sleep(cfg.health_check_interval)
+        finally:
+            await checker.aclose()
 
     # -- hooks ---------------------------------------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        router, cfg = self.router, self.cfg
-        if router is None or cfg is None:
+        parts = self.parts
+        if parts is None:
             return
         t0 = time.perf_counter()
-        r = flow.request
-        body = r.get_content(strict=False)
-        args = (r.method, r.path, r.headers.get("content-type", ""), body, cfg.llm_paths,
-                cfg.default_model)
-        if body is not None and len(body) > LARGE_BODY:
-            # Parsing and hashing a multi-megabyte body takes tens of ms: off the event loop.
-            req = await asyncio.to_thread(parse_llm_request, *args)
-        else:
-            req = parse_llm_request(*args)
+        req: LLMRequest | None = None
         hot = 0
-        if req is None:
-            decision = router.balance("not-llm")
-        elif not cfg.enabled:
-            decision = router.balance("disabled")
-        else:
-            hot = self.hotness.record(req.key) if self.hotness is not None else 0
-            decision = await router.route(req)
+        try:
+            req, decision, hot = await self._decide(flow, parts)
+        except Exception as e:  # never out of the hook: the request goes to an endpoint
+            req, decision = None, self._hook_failed(parts, e)
         if flow.response or flow.error:  # killed while we awaited
             return
-        self._apply(flow, decision, (time.perf_counter() - t0) * 1000)
-        if req is not None and cfg.enabled:
-            self._schedule(flow, req, hot)
+        self._apply(flow, parts, decision, (time.perf_counter() - t0) * 1000)
+        if req is not None and parts.cfg.enabled:
+            self._schedule(flow, parts, req, hot)
+
+    async def _decide(
+        self, flow: http.HTTPFlow, parts: Parts
+    ) -> tuple[LLMRequest | None, Decision, int]:
+        """The parsed request (None when routing cannot read it), the decision, and how often
+        the prompt was seen in the hot window."""
+        cfg, router, r = parts.cfg, parts.router, flow.request
+        if r.method.upper() != "POST" or r.path.split("?", 1)[0] not in cfg.llm_paths:
+            return None, router.balance("not-llm"), 0
+        raw = r.raw_content or b""
+        args = (r.method, r.path, r.headers.get("content-type", ""),
+                r.headers.get("content-encoding", ""), raw, cfg)
+        try:
+            if needs_thread(raw, args[3]) and self._readers is not None:
+                # Parsing a multi-megabyte body, or inflating one, takes tens of ms.
+                req = await asyncio.get_running_loop().run_in_executor(
+                    self._readers, _read, *args)
+            else:
+                req = _read(*args)
+        except NotRoutable as e:
+            return None, router.balance(e.why), 0
+        if req is None:
+            return None, router.balance("unparsable"), 0
+        if not cfg.enabled:
+            return req, router.balance("disabled"), 0
+        hot = parts.hotness.record(req.key)
+        return req, await router.route(req), hot
+
+    def _hook_failed(self, parts: Parts, e: Exception) -> Decision:
+        kind = type(e).__name__
+        log_now, suppressed = parts.failure_log.should_log(f"hook:{kind}")
+        if log_now:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            logger.warning(f"[kvcache] could not route a request ({kind}); "
+                           f"load-balanced{more}")
+        logger.debug("[kvcache] routing error", exc_info=True)
+        parts.router.stats.hook_errors += 1
+        return parts.router.balance(f"error-{kind}")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
@@ -216,29 +247,57 @@ class KVCache:
             flow.response.headers[ROUTE_HEADER] = _route_header(meta)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+        eid = self._finish(flow)
+        parts = self.parts
+        if eid is None or parts is None or flow.response is None:
+            return
+        if flow.response.status_code >= 500:
+            if parts.state.health.failure(eid, "http-5xx"):
+                self._ejected(eid, f"answered {parts.cfg.outlier_consecutive_failures} "
+                                   "5xx/resets in a row")
+        else:
+            parts.state.health.success(eid)
 
     def error(self, flow: http.HTTPFlow) -> None:
         eid = self._finish(flow)
-        if eid and self.state is not None and flow.server_conn.timestamp_tcp_setup is None:
-            # The upstream never accepted the connection: keep new requests off it a while.
-            self.state.mark_down(eid)
-            logger.warning(f"[kvcache] endpoint {eid} refused a connection; marked down")
+        parts = self.parts
+        if eid is None or parts is None or flow.error is None:
+            return
+        if _client_left(flow):
+            return  # a hang-up says nothing about the endpoint
+        if flow.server_conn.timestamp_tcp_setup is None:
+            return  # never connected: server_connect_error counted it
+        if parts.state.health.failure(eid, "reset"):
+            self._ejected(eid, f"failed {parts.cfg.outlier_consecutive_failures} requests "
+                               "in a row (resets/5xx)")
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        parts = self.parts
+        if parts is None or data.server.address is None:
+            return
+        eid = parts.by_address.get((str(data.server.address[0]), int(data.server.address[1])))
+        if eid is None:
+            return
+        err = str(data.server.error or "")
+        kind = "connect-timeout" if "timed out" in err.lower() else "connect-refused"
+        if parts.state.health.failure(eid, kind):
+            self._ejected(eid, f"refused a connection ({kind})")
+
+    def _ejected(self, eid: str, what: str) -> None:
+        assert self.parts is not None
+        secs = self.parts.state.health.ejection_seconds(eid)
+        logger.warning(f"[kvcache] endpoint {eid} {what}; ejected for {secs:.0f} s")
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _apply(self, flow: http.HTTPFlow, d: Decision, ms: float) -> None:
-        assert self.cfg is not None and self.state is not None
-        ep = self.cfg.endpoint(d.endpoint_id)
+    def _apply(self, flow: http.HTTPFlow, parts: Parts, d: Decision, ms: float) -> None:
+        ep = parts.cfg.endpoint(d.endpoint_id)
         if ep is None:  # cannot happen: decisions only name configured endpoints
             return
         flow.request.scheme = ep.scheme
         flow.request.host = ep.host
         flow.request.port = ep.port
-        if self.router is not None:
-            self.router.started(flow.id, d)
-        else:
-            self.state.start(ep.id)
+        parts.router.started(flow.id, d)
         self._flow_endpoint[flow.id] = ep.id
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
@@ -253,13 +312,13 @@ class KVCache:
         flow.comment = text
         if d.reason == "cache-hit":
             flow.marked = ":dart:"
-        logger.debug(f"[kvcache] {flow.request.path} -> {ep.id} {d.reason} {d.why}")
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[kvcache] %s -> %s %s %s", flow.request.path, ep.id, d.reason, d.why)
 
-    def _schedule(self, flow: http.HTTPFlow, req: LLMRequest, hot: int) -> None:
-        pool, manager, cfg = self.pool, self.manager, self.cfg
-        if pool is None or manager is None or cfg is None:
-            return
-        job = pool.submit(req.key, lambda j: manager.run(req, j, hot), cfg.request_timeout)
+    def _schedule(self, flow: http.HTTPFlow, parts: Parts, req: LLMRequest, hot: int) -> None:
+        manager = parts.manager
+        job = parts.pool.submit(req.key, lambda j: manager.run(req, j, hot),
+                                parts.cfg.request_timeout)
         if job is not None:
             self._jobs[flow.id] = job
             job_done = job.future
@@ -273,8 +332,6 @@ class KVCache:
         eid = self._flow_endpoint.pop(flow.id, None)
         if eid is not None and self.router is not None:
             self.router.finished(flow.id, eid)
-        elif eid is not None and self.state is not None:
-            self.state.finish(eid)
         return eid
 
     def _watch_first_byte(self, flow_id: str) -> Callable[[bytes], bytes]:
@@ -305,6 +362,7 @@ class KVCache:
         if self.state is not None:
             out["inflight"] = dict(self.state.inflight)
             out["routed"] = dict(self.state.routed)
+            out["health"] = self.state.health.stats()
         if self.pool is not None:
             out["background"] = asdict(self.pool.stats)
         if self.manager is not None:
@@ -319,6 +377,22 @@ class KVCache:
                 "prefix_hits": self.token_cache.prefix_hits, "misses": self.token_cache.misses,
             }
         return json.dumps(out, sort_keys=True)
+
+
+def _read(method: str, path: str, content_type: str, content_encoding: str, raw: bytes,
+          cfg: KVCacheConfig) -> LLMRequest | None:
+    """The routing facts of a body (raises NotRoutable past the caps). Runs on the loop for
+    small bodies, in a reader thread for large or encoded ones."""
+    body = routable_body(raw, content_encoding, cfg.route_max_body_bytes)
+    return parse_llm_request(method, path, content_type, body, cfg.llm_paths, cfg.default_model)
+
+
+def _client_left(flow: http.HTTPFlow) -> bool:
+    """Whether the flow failed because its client hung up (not because of the upstream)."""
+    msg = (flow.error.msg if flow.error else "").lower()
+    return "client disconnected" in msg or "client closed" in msg or (
+        flow.client_conn.timestamp_end is not None and flow.response is None
+        and flow.server_conn.timestamp_start is None)
 
 
 def _route_header(meta: dict[str, Any]) -> str:

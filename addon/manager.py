@@ -60,6 +60,7 @@ class ManagerSettings:
     retry: RetryPolicy
     hot_window: float
     request_timeout: float
+    tokenize_max_chars: int = 1 << 20
 
 
 class CacheManager:
@@ -135,7 +136,7 @@ class CacheManager:
             cached = self.token_cache.get(req.key)
             if cached:
                 return cached
-        if not req.tokenize_body:
+        if not req.tokenize_body or len(req.prompt) > self.settings.tokenize_max_chars:
             return None
         if not self.tokenizer_breaker.allow():
             self.stats.tokenize_skipped_breaker += 1
@@ -219,8 +220,11 @@ class CacheManager:
             self._log_failure("LMCache lookup", describe_error(e))
             return
         holder, matched = None, 0
-        if result.matches:
-            holder, matched = max(result.matches.items(), key=lambda kv: kv[1])
+        # Only instances that are configured endpoints: a controller call on behalf of an
+        # instance id the config does not know (a host name, a stale id) is never made.
+        known = {i: n for i, n in result.matches.items() if i in self.endpoint_urls}
+        if known:
+            holder, matched = max(known.items(), key=lambda kv: kv[1])
             if matched <= 0:
                 holder = None
         now = self.clock()

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from addon.health import Health, OutlierSettings
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -166,27 +168,28 @@ def choose(
 
 
 class EndpointState:
-    """In-flight requests per endpoint and passive health (an endpoint that refused a
-    connection sits out `cooldown` seconds). Touched only from the event loop."""
+    """In-flight requests per endpoint, and which endpoints may take requests (their
+    passive health, `addon/health.py`). Touched only from the event loop."""
 
     def __init__(
-        self, ids: Sequence[str], cooldown: float, clock: Callable[[], float] = time.monotonic
+        self,
+        ids: Sequence[str],
+        cooldown: float,
+        clock: Callable[[], float] = time.monotonic,
+        outlier: OutlierSettings | None = None,
     ) -> None:
         self.ids = list(ids)
         self.inflight: dict[str, int] = {eid: 0 for eid in ids}
         self.routed: dict[str, int] = {eid: 0 for eid in ids}
-        self._down_until: dict[str, float] = {}
-        self._cooldown = cooldown
-        self._clock = clock
+        settings = outlier or OutlierSettings(base_ejection=cooldown)
+        self.health = Health(ids, settings, clock)
 
     def healthy(self) -> list[str]:
-        now = self._clock()
-        up = [e for e in self.ids if self._down_until.get(e, 0.0) <= now]
-        # With every endpoint marked down, trying one beats refusing the request.
-        return up or list(self.ids)
+        return self.health.candidates()
 
     def mark_down(self, eid: str) -> None:
-        self._down_until[eid] = self._clock() + self._cooldown
+        """The endpoint refused a connection."""
+        self.health.failure(eid, "connect-refused")
 
     def start(self, eid: str) -> None:
         self.inflight[eid] = self.inflight.get(eid, 0) + 1

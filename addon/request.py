@@ -26,8 +26,18 @@ class LLMRequest:
     tokenize_body: dict[str, Any] = field(default_factory=dict)  # vLLM /tokenize request
 
 
+# A lone surrogate ("\\ud800" in JSON, or raw ED A0 80, which json.loads lets through) is
+# not encodable as UTF-8: it is hashed as its surrogatepass bytes rather than failing.
+_ENC = "surrogatepass"
+
+# Conversation prefix keys kept per request: the next turn of a chat extends the previous one
+# by a few messages, so the longest few prefixes find it; hashing every prefix of a 100k-message
+# conversation (and looking each up) would cost the event loop tenths of a second.
+MAX_PREFIX_KEYS = 16
+
+
 def prompt_key(model: str, prompt: str) -> str:
-    return hashlib.sha256(f"{model}\x00{prompt}".encode()).hexdigest()
+    return hashlib.sha256(f"{model}\x00{prompt}".encode("utf-8", _ENC)).hexdigest()
 
 
 def _content_text(content: Any) -> str | None:
@@ -60,11 +70,13 @@ _CHAT_TEMPLATE_FIELDS = (
 
 def _prefix_keys(model: str, texts: Sequence[str]) -> tuple[str, ...]:
     # Incremental hashing: one pass over the conversation instead of one per prefix.
-    h = hashlib.sha256(f"{model}\x00".encode())
+    h = hashlib.sha256(f"{model}\x00".encode("utf-8", _ENC))
     keys: list[str] = []
+    first_kept = len(texts) - 1 - MAX_PREFIX_KEYS
     for i, text in enumerate(texts[:-1]):
-        h.update(("\n" if i else "").encode() + text.encode())
-        keys.append(h.copy().hexdigest())
+        h.update(("\n" if i else "").encode() + text.encode("utf-8", _ENC))
+        if i >= first_kept:
+            keys.append(h.copy().hexdigest())
     return tuple(reversed(keys))
 
 
@@ -84,7 +96,7 @@ def parse_llm_request(
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
         return None
     if not isinstance(data, dict):
         return None

@@ -90,6 +90,8 @@ class RouterStats:
     slow_skips: int = 0
     spills: int = 0
     local_hits: int = 0
+    probes: int = 0  # half-open probe lookups of the controller
+    hook_errors: int = 0  # requests the hook could not route (load-balanced instead)
 
 
 def service_unhealthy(e: BaseException) -> bool:
@@ -125,6 +127,8 @@ class Router:
         failure_log: RateLimitedLog,
         policy: PolicyParams | None = None,
         slow_backoff: float = 1.0,
+        probe_timeout: float = 2.0,
+        tokenize_max_chars: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy or PolicyParams()
@@ -137,6 +141,11 @@ class Router:
         self.slow_lookup = CircuitBreaker(threshold, slow_backoff, 1, clock, "lookup-slow")
         self.slow_tokenize = CircuitBreaker(threshold, slow_backoff, 1, clock, "tokenize-slow")
         self.budget = budget
+        # A half-open breaker's probe lookup runs on past the routing budget, up to this, so
+        # that its outcome (not the budget) decides whether the controller is back.
+        self.probe_timeout = max(probe_timeout, budget)
+        self.tokenize_max_chars = tokenize_max_chars
+        self._probes: set[asyncio.Task[LookupResult]] = set()
         self.state = state
         self.balancer = balancer
         self.token_cache = token_cache
@@ -260,6 +269,8 @@ class Router:
                 return tokens, source, ""
         if self.tokenizer is None or not req.tokenize_body:
             return (), "", "no-tokens"
+        if len(req.prompt) > self.tokenize_max_chars:
+            return (), "", "too-long-to-tokenize"
         if not self.tokenizer_breaker.allow():
             return (), "", "tokenizer-breaker-open"
         if not self.slow_tokenize.allow():
@@ -297,7 +308,11 @@ class Router:
             # asking about one only spends the budget.
             return self._with(self.balance("short-prompt"), n, source)
         chunks = phase.chunks = chunk_hashes(tokens)
-        if self.controller_breaker.is_open() or not self.controller_breaker.allow():
+        if self.controller_breaker.is_open():
+            self.stats.breaker_skips += 1
+            return self.fallback("controller-breaker-open", phase)
+        probe = self.controller_breaker.state == CircuitBreaker.HALF_OPEN
+        if not self.controller_breaker.allow():
             self.stats.breaker_skips += 1
             return self.fallback("controller-breaker-open", phase)
         if not self.slow_lookup.allow():
@@ -307,7 +322,10 @@ class Router:
         t0 = self.clock()
         phase.name, phase.lookup_given = "lookup", deadline - t0
         try:
-            result = await self.lmcache.lookup(tokens, max(phase.lookup_given, 0.001))
+            if probe:
+                result = await asyncio.shield(self._probe(tokens))
+            else:
+                result = await self.lmcache.lookup(tokens, max(phase.lookup_given, 0.001))
         except Exception as e:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
@@ -352,6 +370,28 @@ class Router:
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown,
                         chunks)
+
+    def _probe(self, tokens: tuple[int, ...]) -> asyncio.Task[LookupResult]:
+        """A half-open probe: a lookup that outlives the routing budget, judged by its
+        outcome. Under load a probe that merely misses the 50 ms budget would otherwise leave
+        the breaker half-open, admitting two probes per recovery window, for as long as the
+        load lasts."""
+        self.stats.probes += 1
+        task = asyncio.ensure_future(self.lmcache.lookup(tokens, self.probe_timeout))
+        self._probes.add(task)
+        task.add_done_callback(self._probe_done)
+        return task
+
+    def _probe_done(self, task: asyncio.Task[LookupResult]) -> None:
+        self._probes.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()
+        if e is None or not (service_unhealthy(e) or describe_error(e) == "timeout"):
+            self.controller_breaker.record_success()
+            self.slow_lookup.record_success()
+        else:
+            self.controller_breaker.record_failure()
 
     def _lookup_timed_out(self, given: float) -> None:
         # Only a lookup that had a fair share of the budget and still timed out says the

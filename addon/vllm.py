@@ -6,6 +6,7 @@ tokens are the ones the engine will see. Errors are `{"error": {"message", ...}}
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon.resilience import StatusError, UnparsableResponse
+
+_JSON = {"content-type": "application/json"}
+
+
+def _body(body: dict[str, Any]) -> bytes:
+    # ASCII-escaped like the client's own JSON: a lone surrogate in a prompt ("\\ud800") goes
+    # to /tokenize as the same escape instead of failing to encode (httpx's json= does).
+    return json.dumps(body).encode()
 
 
 def _tokens(resp: httpx.Response) -> list[int]:
@@ -40,7 +49,8 @@ class AsyncTokenizer:
         self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
 
     async def tokenize(self, body: dict[str, Any], timeout: float) -> list[int]:
-        return _tokens(await self._client.post("/tokenize", json=body, timeout=timeout))
+        return _tokens(await self._client.post(
+            "/tokenize", content=_body(body), headers=_JSON, timeout=timeout))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -82,7 +92,8 @@ class Engine:
         self._client = httpx.Client(transport=transport)
 
     def tokenize(self, base_url: str, body: dict[str, Any], timeout: float) -> list[int]:
-        return _tokens(self._client.post(f"{base_url}/tokenize", json=body, timeout=timeout))
+        return _tokens(self._client.post(
+            f"{base_url}/tokenize", content=_body(body), headers=_JSON, timeout=timeout))
 
     def load(self, base_url: str, timeout: float) -> EngineLoad:
         resp = self._client.get(f"{base_url}/metrics", timeout=timeout)
@@ -95,3 +106,23 @@ class Engine:
 
     def close(self) -> None:
         self._client.close()
+
+
+class AsyncHealthCheck:
+    """The optional active health check: GET a path on each endpoint (background task)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._client = httpx.AsyncClient(transport=transport)
+
+    async def check(self, base_url: str, path: str, timeout: float) -> str:
+        """"" when healthy, else a short reason (connect-refused, http-503, timeout, ...)."""
+        try:
+            resp = await self._client.get(f"{base_url}{path}", timeout=timeout)
+        except httpx.TimeoutException:
+            return "timeout"
+        except httpx.TransportError:
+            return "connect-refused"
+        return "" if resp.status_code < 400 else f"http-{resp.status_code}"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -132,7 +132,7 @@ async def test_non_llm_requests_are_balanced_untouched(tmp_path: Path) -> None:
         bad.request.raw_content = b'{"model": "m", "messages": [ broken'
         await a.request(bad)
         assert bad.request.raw_content == b'{"model": "m", "messages": [ broken'
-        assert bad.metadata["kvcache"]["why"] == "not-llm"
+        assert bad.metadata["kvcache"]["why"] == "unparsable"
         a.done()
 
 
@@ -197,3 +197,134 @@ async def test_large_bodies_are_parsed_off_the_loop_and_routed(tmp_path: Path) -
         assert f.metadata["kvcache"]["reason"] == "cache-hit"
         assert f.request.port == 8443
         a.done()
+
+
+def raw_flow(body: bytes, **headers: str) -> http.HTTPFlow:
+    f = tflow.tflow()
+    hdrs = [(b"content-type", b"application/json")] + [
+        (k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    f.request = tutils.treq(method=b"POST", path=b"/v1/completions", content=b"",
+                            headers=tuple(hdrs))
+    f.request.raw_content = body
+    return f
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b"[" * 100_000, "unparsable"),  # RecursionError inside json.loads
+    (b'{"model": "m", "prompt": "abc \\ud800"}', "short-prompt"),  # lone surrogate, escaped
+    (b'{"model": "m", "prompt": "abc \xed\xa0\x80"}', "short-prompt"),  # ... and raw
+    (b"\xff\xfe garbage", "unparsable"),
+    (b"", "unparsable"),
+])
+async def test_hostile_bodies_are_routed_with_a_reason(tmp_path: Path, body: bytes,
+                                                       why: str) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        install(a, holder("vllm-instance-2", 512),
+                httpx.MockTransport(lambda r: httpx.Response(200, json={"tokens": [1, 2]})))
+        f = raw_flow(body)
+        await a.request(f)
+        assert f.metadata["kvcache"]["why"] == why
+        assert f.request.port in (8001, 8443) and f.request.raw_content == body
+        a.done()
+
+
+async def test_gzip_bodies_are_read_and_bombs_are_capped(tmp_path: Path) -> None:
+    import gzip
+
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        cfg = write(tmp_path, CONFIG + "route_max_body_bytes: 1000000\n")
+        tctx.configure(a, kvcache_config=cfg)
+        a.running()
+        install(a, holder("vllm-instance-2", 512), httpx.MockTransport(tokens_ok))
+        plain = json.dumps({"model": "m", "prompt": "word " * 400}).encode()
+        f = raw_flow(gzip.compress(plain), content_encoding="gzip")
+        sent = f.request.raw_content
+        await a.request(f)
+        assert f.metadata["kvcache"]["reason"] == "cache-hit"
+        assert f.request.raw_content == sent  # forwarded still encoded, byte for byte
+        bomb = gzip.compress(b'{"model": "m", "prompt": "' + b"a" * 20_000_000 + b'"}')
+        assert len(bomb) < 100_000
+        f = raw_flow(bomb, content_encoding="gzip")
+        await a.request(f)
+        assert f.metadata["kvcache"]["why"] == "too-large"
+        f = raw_flow(b"x" * 1_000_001)
+        await a.request(f)
+        assert f.metadata["kvcache"]["why"] == "too-large"
+        f = raw_flow(plain, content_encoding="br")
+        await a.request(f)
+        assert f.metadata["kvcache"]["why"] == "encoded"
+        a.done()
+
+
+async def test_a_failure_inside_the_hook_still_routes(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        assert a.router is not None
+
+        async def broken(req: object) -> None:
+            raise KeyError("bug")
+
+        a.router.route = broken  # type: ignore[method-assign]
+        f = chat_flow()
+        await a.request(f)
+        assert f.metadata["kvcache"]["why"] == "error-KeyError"
+        assert f.request.port in (8001, 8443)
+        assert a.router.stats.hook_errors == 1
+        a.done()
+
+
+async def test_a_client_hang_up_does_not_eject_but_a_refused_connect_does(
+        tmp_path: Path) -> None:
+    from mitmproxy import connection
+    from mitmproxy.proxy import server_hooks
+
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        assert a.state is not None
+        f = tflow.tflow()
+        f.request = tutils.treq(method=b"GET", path=b"/v1/models")
+        await a.request(f)
+        eid = f.metadata["kvcache"]["endpoint_id"]
+        f.server_conn.timestamp_tcp_setup = None
+        f.error = flow_error("Client disconnected.")
+        a.error(f)
+        assert eid in a.state.healthy()
+        server = connection.Server(address=("127.0.0.1", 8001))
+        server.error = "[Errno 111] Connect call failed ('127.0.0.1', 8001)"
+        a.server_connect_error(server_hooks.ServerConnectionHookData(
+            server=server, client=f.client_conn))
+        assert a.state.healthy() == ["vllm-instance-2"]
+        a.done()
+
+
+async def test_5xx_answers_eject_after_consecutive_failures(tmp_path: Path) -> None:
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(
+            tmp_path, CONFIG + "outlier_consecutive_failures: 2\n"))
+        a.running()
+        assert a.state is not None
+        for _ in range(2):
+            f = tflow.tflow()
+            f.request = tutils.treq(method=b"GET", path=b"/health")
+            f.request.host, f.request.port = "127.0.0.1", 8001
+            a._apply(f, a.parts, a.router.balance("x").__class__(  # type: ignore[union-attr]
+                "vllm-instance-1", "least_inflight"), 0.0)
+            f.response = tutils.tresp(status_code=503)
+            a.response(f)
+        assert a.state.healthy() == ["vllm-instance-2"]
+        a.done()
+
+
+def flow_error(msg: str) -> object:
+    from mitmproxy import flow
+
+    return flow.Error(msg)

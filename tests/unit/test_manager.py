@@ -233,3 +233,20 @@ def test_compress_once_per_window_while_load_stays_high() -> None:
     clock.t += 300
     m.run(req(), job(clock))
     assert ctl.paths().count("/compress") == 2
+
+
+def test_no_action_on_behalf_of_an_instance_that_is_no_endpoint() -> None:
+    # The controller names a host as its holder: no pin is made for it, however hot.
+    clock, ctl = Clock(), Controller(holder="http://evil:1")
+    m = make(ctl, Vllm(), clock)
+    m.run(req(), job(clock), hot_count=5)
+    assert "/lookup" in ctl.paths() and "/pin" not in ctl.paths()
+
+
+def test_prompts_over_the_cap_are_not_tokenized_in_the_background() -> None:
+    clock, vllm = Clock(), Vllm()
+    m = make(Controller(), vllm, clock)
+    m.settings = ManagerSettings(strategy=m.settings.strategy, retry=m.settings.retry,
+                                 hot_window=300, request_timeout=2.0, tokenize_max_chars=0)
+    m.run(req(), job(clock))
+    assert vllm.tokenize_calls == 0

@@ -260,3 +260,42 @@ async def test_controller_down_routes_by_recently_finished_prompts() -> None:
             first.endpoint_id, "local-hit", 512)
         assert d.why.startswith(("lookup-", "controller-"))
     assert r.stats.local_hits == 3
+
+
+async def test_half_open_probe_is_judged_after_the_budget() -> None:
+    # The controller is back but slower than the routing budget (as under load): the probe
+    # lookup times out for routing, yet its late success closes the breaker.
+    t = [0.0]
+    breaker = CircuitBreaker(3, 10, 2, clock=lambda: t[0])
+    for _ in range(3):
+        breaker.record_failure()
+    assert breaker.state == "open"
+    t[0] = 11.0  # recovery_timeout passed: half-open
+    lk = FakeLookup(LookupResult({"e1": 512}), delay=0.1)
+    r = make(lk, FakeTokenizer(), budget=0.02, breaker=breaker)
+    d = await r.route(req())
+    assert d.why == "lookup-timeout" and r.stats.probes == 1
+    await asyncio.sleep(0.15)
+    assert breaker.state == "closed"
+    lk.delay = 0
+    d = await r.route(req())
+    assert d.reason == "cache-hit"
+
+
+async def test_half_open_probe_that_fails_reopens_the_breaker() -> None:
+    t = [0.0]
+    breaker = CircuitBreaker(1, 10, 2, clock=lambda: t[0])
+    breaker.record_failure()
+    t[0] = 11.0
+    r = make(FakeLookup(StatusError(500, "still down")), FakeTokenizer(), breaker=breaker)
+    await r.route(req())
+    await asyncio.sleep(0)
+    assert breaker.state == "open"
+
+
+async def test_prompts_over_the_cap_are_not_tokenized() -> None:
+    tok = FakeTokenizer()
+    r = make(FakeLookup(LookupResult({"e1": 512})), tok)
+    r.tokenize_max_chars = 0
+    d = await r.route(req())
+    assert d.why == "too-long-to-tokenize" and tok.calls == 0

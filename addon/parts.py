@@ -1,0 +1,109 @@
+"""The addon's object graph, built from one validated config (the factory beside config.py).
+
+`addon/kvcache.py` calls `build` when mitmproxy is running and `Parts.close` when it stops;
+tests and tools can build the same graph without mitmproxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from addon.background import BackgroundPool
+from addon.config import KVCacheConfig, policy_params
+from addon.health import OutlierSettings
+from addon.lmcache import AsyncLMCache, LMCache
+from addon.manager import CacheManager, ManagerSettings
+from addon.policy import EndpointState, LoadBalancer
+from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy
+from addon.router import Router
+from addon.strategy import validate_compress_method
+from addon.tokens import Hotness, TokenCache
+from addon.vllm import AsyncTokenizer, Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    cfg: KVCacheConfig
+    state: EndpointState
+    router: Router
+    manager: CacheManager
+    pool: BackgroundPool
+    hotness: Hotness
+    token_cache: TokenCache | None
+    failure_log: RateLimitedLog
+    closers: list[Any] = field(default_factory=list)
+    # endpoint (host, port) -> endpoint id, for the connection hooks
+    by_address: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def close(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Stop the pool and close the clients (async ones as tasks kept in `tasks`)."""
+        self.pool.shutdown()
+        for c in self.closers:
+            if hasattr(c, "aclose"):
+                try:
+                    task = asyncio.get_running_loop().create_task(c.aclose())
+                except RuntimeError:
+                    continue  # no loop left: the process is ending anyway
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                c.close()
+        self.closers = []
+
+
+def build(cfg: KVCacheConfig) -> Parts:
+    ids = [ep.id for ep in cfg.endpoints]
+    state = EndpointState(ids, cfg.unhealthy_cooldown, outlier=OutlierSettings(
+        consecutive_failures=cfg.outlier_consecutive_failures,
+        base_ejection=cfg.unhealthy_cooldown, max_ejection=cfg.outlier_max_ejection,
+        max_ejected_share=cfg.outlier_max_ejected_share))
+    token_cache = (TokenCache(cfg.token_cache.max_size, cfg.token_cache.ttl)
+                   if cfg.token_cache.enabled else None)
+    cb = cfg.circuit_breaker
+    controller_breaker = CircuitBreaker(
+        cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, name="controller")
+    tokenizer_breaker = CircuitBreaker(
+        cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, name="tokenizer")
+    failure_log = RateLimitedLog()
+    lmcache = AsyncLMCache(cfg.lmcache_endpoint)
+    tokenizer = AsyncTokenizer(cfg.vllm_endpoint) if cfg.tokenize_on_request_path else None
+    engine = Engine()
+    lmcache_bg = LMCache(cfg.lmcache_endpoint)
+    router = Router(
+        budget=cfg.lookup_routing_timeout, state=state,
+        balancer=LoadBalancer(cfg.load_balancing), token_cache=token_cache,
+        lmcache=lmcache, tokenizer=tokenizer, controller_breaker=controller_breaker,
+        tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
+        policy=policy_params(cfg), slow_backoff=cfg.slow_backoff,
+        probe_timeout=cfg.request_timeout, tokenize_max_chars=cfg.tokenize_max_chars,
+    )
+    cs = cfg.cache_strategy
+    if warning := validate_compress_method(cs.compress_method):
+        logger.warning(f"[kvcache] {warning}")
+    manager = CacheManager(
+        settings=ManagerSettings(
+            strategy=cs,
+            retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.base_backoff,
+                              cfg.retry.max_backoff),
+            hot_window=cfg.hot_window, request_timeout=cfg.request_timeout,
+            tokenize_max_chars=cfg.tokenize_max_chars,
+        ),
+        tokenizer_url=cfg.vllm_endpoint,
+        endpoint_urls={ep.id: ep.url for ep in cfg.endpoints},
+        engine=engine, lmcache=lmcache_bg, token_cache=token_cache,
+        tokenizer_breaker=tokenizer_breaker, controller_breaker=controller_breaker,
+        failure_log=failure_log,
+    )
+    return Parts(
+        cfg=cfg, state=state, router=router, manager=manager,
+        pool=BackgroundPool(cfg.background.workers, cfg.background.queue_size),
+        hotness=Hotness(cfg.hot_window, cfg.hot_max_records), token_cache=token_cache,
+        failure_log=failure_log,
+        closers=[lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else []),
+        by_address={(ep.host, ep.port): ep.id for ep in cfg.endpoints},
+    )
