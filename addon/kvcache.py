@@ -32,6 +32,7 @@ from addon.background import BackgroundPool, Job  # noqa: E402
 from addon.body import OFF_LOOP_BYTES, NotRoutable, needs_thread, routable_body  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
 from addon.logs import ToLoop, relay_thread_logs, stop_relay  # noqa: E402
+from addon.looplag import LoopLag  # noqa: E402
 from addon.manager import CacheManager  # noqa: E402
 from addon.parts import Parts, build  # noqa: E402
 from addon.policy import EndpointState  # noqa: E402
@@ -57,6 +58,7 @@ class KVCache:
         # Bodies too large to read on the event loop (and gzip bodies) are read here.
         self._readers: ThreadPoolExecutor | None = None
         self._log_relay: ToLoop | None = None
+        self.lag = LoopLag()
 
     # The parts, for the commands and the tests.
     @property
@@ -121,13 +123,14 @@ class KVCache:
         cfg = self.cfg
         if cfg is None:
             return
-        self.parts = build(cfg)
+        self.parts = build(cfg, lag=self.lag)
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="kvcache-read")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None:
+            self._spawn(self.lag.run())
             self._log_relay = relay_thread_logs(loop)
             if cfg.health_check_path:
                 self._spawn(self._health_checks(self.parts))
@@ -187,6 +190,7 @@ class KVCache:
         t0 = time.perf_counter()
         req: LLMRequest | None = None
         hot = 0
+        decision: Decision
         try:
             req, decision, hot = await self._decide(flow, parts)
         except Exception as e:  # never out of the hook: the request goes to an endpoint
@@ -195,7 +199,7 @@ class KVCache:
             return
         self._apply(flow, parts, decision, (time.perf_counter() - t0) * 1000)
         if req is not None and parts.cfg.enabled:
-            self._schedule(flow, parts, req, hot)
+            self._schedule(flow, parts, req, hot, decision.controller)
 
     async def _decide(
         self, flow: http.HTTPFlow, parts: Parts
@@ -278,8 +282,10 @@ class KVCache:
         eid = parts.by_address.get((str(data.server.address[0]), int(data.server.address[1])))
         if eid is None:
             return
-        err = str(data.server.error or "")
-        kind = "connect-timeout" if "timed out" in err.lower() else "connect-refused"
+        err = str(data.server.error or "").lower()
+        if "cancel" in err:
+            return  # mitmproxy gave up the connect because the client left: not the endpoint
+        kind = "connect-timeout" if "timed out" in err else "connect-refused"
         if parts.state.health.failure(eid, kind):
             self._ejected(eid, f"refused a connection ({kind})")
 
@@ -315,9 +321,14 @@ class KVCache:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[kvcache] %s -> %s %s %s", flow.request.path, ep.id, d.reason, d.why)
 
-    def _schedule(self, flow: http.HTTPFlow, parts: Parts, req: LLMRequest, hot: int) -> None:
+    def _schedule(self, flow: http.HTTPFlow, parts: Parts, req: LLMRequest, hot: int,
+                  answer: dict[str, int] | None) -> None:
         manager = parts.manager
-        job = parts.pool.submit(req.key, lambda j: manager.run(req, j, hot),
+        if not manager.might_act(hot) and (
+                req.token_ids is not None or not req.tokenize_body
+                or (parts.token_cache is not None and parts.token_cache.has(req.key))):
+            return  # the tokens are known and the strategy has nothing to decide: no job
+        job = parts.pool.submit(req.key, lambda j: manager.run(req, j, hot, answer),
                                 parts.cfg.request_timeout)
         if job is not None:
             self._jobs[flow.id] = job
@@ -363,6 +374,8 @@ class KVCache:
             out["inflight"] = dict(self.state.inflight)
             out["routed"] = dict(self.state.routed)
             out["health"] = self.state.health.stats()
+        out["loop_lag_ms"] = {"now": round(self.lag() * 1000, 1),
+                              "worst": round(self.lag.worst * 1000, 1)}
         if self.pool is not None:
             out["background"] = asdict(self.pool.stats)
         if self.manager is not None:

@@ -9,6 +9,7 @@ in released versions; some builds and Pixiu's mock have one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ try:
 except ImportError:  # a different anyio layout only costs that first request
     pass
 
+from addon.http1 import HttpxJSON, JSONClient, loads
 from addon.resilience import StatusError, UnparsableResponse
 
 logger = logging.getLogger(__name__)
@@ -77,17 +79,34 @@ def _json(resp: httpx.Response) -> Any:
         raise UnparsableResponse(f"{resp.request.url.path}: answer is not JSON") from None
 
 
+def _answer(status: int, body: bytes, what: str) -> Any:
+    """The JSON of a controller answer; StatusError or UnparsableResponse otherwise."""
+    if status >= 400:
+        detail = ""
+        try:
+            data = loads(body)
+            detail = str(data.get("detail", "")) if isinstance(data, dict) else ""
+        except ValueError:
+            pass
+        raise StatusError(status, detail[:200])
+    try:
+        return loads(body)
+    except ValueError:
+        raise UnparsableResponse(f"{what}: answer is not JSON") from None
+
+
 class AsyncLMCache:
-    """The request path's client: one lookup with the routing budget as its timeout."""
+    """The request path's client: one lookup with the routing budget as its timeout, over
+    the lean keep-alive client (addon/http1.py)."""
 
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        # Enough connections that a burst waits on the controller, not on our pool.
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, limits=limits)
+        self._client: JSONClient | HttpxJSON = (
+            JSONClient(base_url) if transport is None else HttpxJSON(base_url, transport))
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
-        resp = await self._client.post("/lookup", json={"tokens": list(tokens)}, timeout=timeout)
-        return parse_lookup(_json(resp))
+        async with asyncio.timeout(timeout):
+            resp = await self._client.post("/lookup", {"tokens": tokens})
+        return parse_lookup(_answer(resp.status, resp.body, "/lookup"))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -50,6 +50,7 @@ class ManagerStats:
     lookup_failures: int = 0
     metrics_failures: int = 0
     retries: int = 0
+    reused_answers: int = 0  # strategy runs on the request path's lookup answer
     # "pin:ok", "compress:failed", "evict:skipped", ...: every action and its outcome.
     actions: Counter[str] = field(default_factory=Counter)
 
@@ -204,25 +205,31 @@ class CacheManager:
 
     # -- the job -------------------------------------------------------------------------
 
-    def run(self, req: LLMRequest, job: Job, hot_count: int = 0) -> None:
+    def run(self, req: LLMRequest, job: Job, hot_count: int = 0,
+            answer: dict[str, int] | None = None) -> None:
+        """`answer`: the controller's lookup answer the request path already got, if any."""
         tokens = self.tokens_for(req, job)
         if not tokens or not self.might_act(hot_count):
             return
-        self.strategy(req.key, tokens, hot_count, job)
+        self.strategy(req.key, tokens, hot_count, job, answer)
 
-    def strategy(self, key: str, tokens: tuple[int, ...], hot_count: int, job: Job) -> None:
+    def strategy(self, key: str, tokens: tuple[int, ...], hot_count: int, job: Job,
+                 answer: dict[str, int] | None = None) -> None:
         p = self.settings.strategy
         self.stats.strategy_runs += 1
-        try:
-            result = self._controller(lambda t: self.lmcache.lookup(tokens, t), job)
-        except Exception as e:
-            self.stats.lookup_failures += 1
-            self._log_failure("LMCache lookup", describe_error(e))
-            return
+        if answer is None:
+            try:
+                answer = self._controller(lambda t: self.lmcache.lookup(tokens, t), job).matches
+            except Exception as e:
+                self.stats.lookup_failures += 1
+                self._log_failure("LMCache lookup", describe_error(e))
+                return
+        else:
+            self.stats.reused_answers += 1
         holder, matched = None, 0
         # Only instances that are configured endpoints: a controller call on behalf of an
         # instance id the config does not know (a host name, a stale id) is never made.
-        known = {i: n for i, n in result.matches.items() if i in self.endpoint_urls}
+        known = {i: n for i, n in answer.items() if i in self.endpoint_urls}
         if known:
             holder, matched = max(known.items(), key=lambda kv: kv[1])
             if matched <= 0:

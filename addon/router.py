@@ -14,7 +14,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from cachetools import TTLCache
+
 from addon.lmcache import LookupResult
+from addon.looplag import deadline as Deadline
 from addon.policy import Choice, EndpointState, LoadBalancer, PolicyParams, choose
 from addon.prefix_index import (
     CHUNK_TOKENS,
@@ -34,6 +37,10 @@ from addon.resilience import (
 from addon.tokens import TokenCache
 
 logger = logging.getLogger(__name__)
+
+# The calls' own timeouts sit past the routing deadline (addon/looplag.py), which is what
+# cuts them: the deadline lets an answer that arrived in its last loop pass through.
+GRACE = 0.25
 
 
 class Lookup(Protocol):
@@ -59,12 +66,18 @@ class Decision:
     unknown_instances: int = 0
     # The prompt's chunk hashes, for the prefix index once the request is sent; not metadata.
     chunks: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    # The controller's answer (instance id -> matched tokens) when the request path got one:
+    # the background job reuses it instead of asking again. Not metadata.
+    controller: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    # "controller", or "recent-answer" when a saturated proxy reused a lookup under a second
+    # old for the same prefix instead of asking again.
+    answer: str = ""
 
     def as_metadata(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name != "chunks" and v not in (None, ""):
+            if f.name not in ("chunks", "controller") and v not in (None, ""):
                 out[f.name] = v
         return out
 
@@ -92,6 +105,8 @@ class RouterStats:
     local_hits: int = 0
     probes: int = 0  # half-open probe lookups of the controller
     hook_errors: int = 0  # requests the hook could not route (load-balanced instead)
+    saturated: int = 0  # routing ran out of time because the proxy's own loop was behind
+    recent_answers: int = 0  # routed from a recent controller answer while saturated
 
 
 def service_unhealthy(e: BaseException) -> bool:
@@ -129,6 +144,8 @@ class Router:
         slow_backoff: float = 1.0,
         probe_timeout: float = 2.0,
         tokenize_max_chars: int = 1 << 20,
+        lag: Callable[[], float] = lambda: 0.0,
+        answer_ttl: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy or PolicyParams()
@@ -145,6 +162,14 @@ class Router:
         # that its outcome (not the budget) decides whether the controller is back.
         self.probe_timeout = max(probe_timeout, budget)
         self.tokenize_max_chars = tokenize_max_chars
+        # The event loop's current lag (addon/looplag.py): past half the budget, a budget
+        # spent before the lookup was sent is the proxy's saturation, not the controller's
+        # fault; past the whole budget, recent answers are reused instead of asking again.
+        self.lag = lag
+        # Recent controller answers by prefix chunk hash, reused only while saturated.
+        self._answers: TTLCache[int, dict[str, int]] = TTLCache(
+            4096, max(answer_ttl, 1e-9), timer=clock)
+        self.answer_ttl = answer_ttl
         self._probes: set[asyncio.Task[LookupResult]] = set()
         self.state = state
         self.balancer = balancer
@@ -239,9 +264,24 @@ class Router:
         deadline = self.clock() + self.budget
         phase = _Phase()  # what was in flight if the budget runs out
         try:
-            async with asyncio.timeout(self.budget):
+            async with Deadline(self.budget):
                 return await self._route(req, deadline, phase)
         except TimeoutError:
+            if phase.name != "lookup" or phase.lookup_given < self.budget / 2:
+                saturated = self.lag() > self.budget / 2
+            else:
+                saturated = False  # the controller had the budget (and the lag) to answer
+            if saturated:
+                # The proxy's own loop ate the budget before the lookup was sent: not the
+                # controller's fault. Said once a minute and counted, never silently.
+                self.stats.saturated += 1
+                log_now, n = self.failure_log.should_log("proxy-saturated")
+                if log_now:
+                    more = f" ({n} more since the last report)" if n else ""
+                    logger.warning(
+                        f"[kvcache] proxy saturated: event loop {self.lag() * 1000:.0f} ms "
+                        f"behind; routing from recent answers and the proxy's memory{more}")
+                return self.fallback("proxy-saturated", phase)
             # A controller (or tokenizer) that cannot answer within the budget is no use to
             # the request path: count it, so a hanging one opens its breaker.
             if phase.name == "lookup":
@@ -278,7 +318,7 @@ class Router:
         phase.name = "tokenize"
         try:
             tokens_list = await self.tokenizer.tokenize(
-                req.tokenize_body, max(deadline - self.clock(), 0.001))
+                req.tokenize_body, max(deadline - self.clock(), 0.001) + GRACE)
         except Exception as e:
             why = describe_error(e)
             if why == "timeout":
@@ -315,6 +355,11 @@ class Router:
         if not self.controller_breaker.allow():
             self.stats.breaker_skips += 1
             return self.fallback("controller-breaker-open", phase)
+        if self.lag() > self.budget and (recent := self._recent_answer(chunks)):
+            # Saturated: spend less per request rather than time out (an answer under
+            # answer_ttl old for this prefix, merged with the proxy's own view below).
+            self.stats.recent_answers += 1
+            return self._decide(recent, chunks, n, source, None, "recent-answer")
         if not self.slow_lookup.allow():
             self.stats.slow_skips += 1
             return self.fallback("controller-slow", phase)
@@ -325,7 +370,8 @@ class Router:
             if probe:
                 result = await asyncio.shield(self._probe(tokens))
             else:
-                result = await self.lmcache.lookup(tokens, max(phase.lookup_given, 0.001))
+                result = await self.lmcache.lookup(
+                    tokens, max(phase.lookup_given, 0.001) + GRACE)
         except Exception as e:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
@@ -341,18 +387,36 @@ class Router:
         ms = (self.clock() - t0) * 1000
         self.controller_breaker.record_success()
         self.slow_lookup.record_success()
+        if self.answer_ttl > 0:
+            self._answers[chunks[-1]] = result.matches
+        return self._decide(result.matches, chunks, n, source, ms, "controller")
+
+    def _recent_answer(self, chunks: tuple[int, ...]) -> dict[str, int] | None:
+        """The most recent controller answer for the longest prefix of these chunks, capped
+        at that prefix's length."""
+        if self.answer_ttl <= 0:
+            return None
+        for i in range(len(chunks) - 1, -1, -1):
+            found = self._answers.get(chunks[i])
+            if found is not None:
+                cap = (i + 1) * CHUNK_TOKENS
+                return {k: min(v, cap) for k, v in found.items()} or None
+        return None
+
+    def _decide(self, answer: dict[str, int], chunks: tuple[int, ...], n: int, source: str,
+                ms: float | None, how: str) -> Decision:
         candidates = self.state.healthy()
-        unknown = sum(1 for i in result.matches if i not in self.state.inflight)
+        unknown = sum(1 for i in answer if i not in self.state.inflight)
         if unknown:
             self.stats.unknown_instances += unknown
             self._log_failure(
                 "matching LMCache instance ids to endpoint ids",
                 "instance-not-an-endpoint",
             )
-        matches: dict[str, int] | Any = result.matches
+        matches: dict[str, int] | Any = answer
         if self.policy.track_inflight:
             # Prompts routed but not yet prefilled are invisible to the controller.
-            matches = merge_matches(result.matches, self.index.local_matches(chunks))
+            matches = merge_matches(answer, self.index.local_matches(chunks))
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
                                 prompt_tokens=n, params=self.policy,
                                 load_tokens=self.load_tokens(),
@@ -361,15 +425,15 @@ class Router:
         if choice.reason == "cache-hit":
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
-                            source, ms, unknown, chunks)
+                            source, ms, unknown, chunks, answer, how)
         if choice.reason in ("cache-spill", "hot-spread"):
             self.stats.spills += 1
             why = "holder-busy" if choice.reason == "cache-spill" else "hot-prefix"
             return Decision(choice.endpoint_id, "cache-spill", why, 0, n, source, ms,
-                            unknown, chunks)
+                            unknown, chunks, answer, how)
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown,
-                        chunks)
+                        chunks, answer, how)
 
     def _probe(self, tokens: tuple[int, ...]) -> asyncio.Task[LookupResult]:
         """A half-open probe: a lookup that outlives the routing budget, judged by its

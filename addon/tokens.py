@@ -46,6 +46,10 @@ class TokenCache:
             tokens = self._cache.get(key)
         return None if tokens is None else tuple(tokens)
 
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return key in self._cache
+
     def lookup(self, key: str, prefix_keys: Iterable[str] = ()) -> tuple[tuple[int, ...], str]:
         """Tokens of the prompt, or of the longest earlier conversation it extends.
 

@@ -6,6 +6,7 @@ tokens are the ones the engine will see. Errors are `{"error": {"message", ...}}
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from addon.http1 import HttpxJSON, JSONClient, loads
 from addon.resilience import StatusError, UnparsableResponse
 
 _JSON = {"content-type": "application/json"}
@@ -25,16 +27,20 @@ def _body(body: dict[str, Any]) -> bytes:
 
 
 def _tokens(resp: httpx.Response) -> list[int]:
-    if resp.status_code >= 400:
+    return _tokens_of(resp.status_code, resp.content)
+
+
+def _tokens_of(status: int, body: bytes) -> list[int]:
+    if status >= 400:
         message = ""
         try:
-            err = resp.json().get("error", {})
+            err = loads(body).get("error", {})
             message = str(err.get("message", "")) if isinstance(err, dict) else ""
         except (ValueError, AttributeError):
             pass
-        raise StatusError(resp.status_code, message[:200])
+        raise StatusError(status, message[:200])
     try:
-        tokens = resp.json()["tokens"]
+        tokens = loads(body)["tokens"]
     except (ValueError, KeyError, TypeError):
         raise UnparsableResponse("/tokenize answer has no tokens") from None
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
@@ -43,14 +49,16 @@ def _tokens(resp: httpx.Response) -> list[int]:
 
 
 class AsyncTokenizer:
-    """The request path's tokenizer, used only inside the routing budget."""
+    """The request path's tokenizer, used only inside the routing budget (lean client)."""
 
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
+        self._client: JSONClient | HttpxJSON = (
+            JSONClient(base_url) if transport is None else HttpxJSON(base_url, transport))
 
     async def tokenize(self, body: dict[str, Any], timeout: float) -> list[int]:
-        return _tokens(await self._client.post(
-            "/tokenize", content=_body(body), headers=_JSON, timeout=timeout))
+        async with asyncio.timeout(timeout):
+            resp = await self._client.post("/tokenize", body)
+        return _tokens_of(resp.status, resp.body)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -250,3 +250,12 @@ def test_prompts_over_the_cap_are_not_tokenized_in_the_background() -> None:
                                  hot_window=300, request_timeout=2.0, tokenize_max_chars=0)
     m.run(req(), job(clock))
     assert vllm.tokenize_calls == 0
+
+
+def test_the_request_paths_answer_is_reused_not_asked_again() -> None:
+    clock, ctl = Clock(), Controller(holder="e1")
+    m = make(ctl, Vllm(), clock)
+    m.run(req(), job(clock), hot_count=5, answer={"e2": 512})
+    assert "/lookup" not in ctl.paths()
+    pins = [b for p, b in ctl.calls if p == "/pin"]
+    assert [p["instance_id"] for p in pins] == ["e2"] and m.stats.reused_answers == 1

@@ -299,3 +299,34 @@ async def test_prompts_over_the_cap_are_not_tokenized() -> None:
     r.tokenize_max_chars = 0
     d = await r.route(req())
     assert d.why == "too-long-to-tokenize" and tok.calls == 0
+
+
+async def test_budget_eaten_by_the_proxy_is_proxy_saturated_not_a_slow_controller() -> None:
+    # Tokenizing (on a lagging loop) used the budget before the lookup was sent.
+    r = make(FakeLookup(LookupResult({"e1": 512})), FakeTokenizer(delay=0.2), budget=0.05)
+    r.lag = lambda: 0.2
+    d = await r.route(req())
+    assert d.why == "proxy-saturated" and r.stats.saturated == 1
+    assert r.slow_lookup.stats()["consecutive_failures"] == 0
+
+
+async def test_a_lookup_that_had_the_budget_is_the_controllers_fault_even_under_lag() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(), budget=0.05)
+    r.lag = lambda: 0.2
+    d = await r.route(req())
+    assert d.why == "lookup-timeout" and r.stats.saturated == 0
+    assert r.slow_lookup.stats()["consecutive_failures"] == 1
+
+
+async def test_a_saturated_proxy_reuses_a_recent_answer_for_the_prefix() -> None:
+    lk = FakeLookup(LookupResult({"e2": 512}))
+    r = make(lk, FakeTokenizer(), budget=0.05)
+    d = await r.route(req())
+    assert d.answer == "controller" and d.controller == {"e2": 512}
+    r.lag = lambda: 0.2  # the loop is a whole budget behind
+    d = await r.route(req("other-key"))
+    assert (d.endpoint_id, d.reason, d.answer) == ("e2", "cache-hit", "recent-answer")
+    assert len(lk.calls) == 1 and r.stats.recent_answers == 1
+    r.lag = lambda: 0.0  # at rest the controller is always asked
+    await r.route(req("third"))
+    assert len(lk.calls) == 2
