@@ -123,7 +123,7 @@ class KVCache:
         cfg = self.cfg
         if cfg is None:
             return
-        self.parts = build(cfg, lag=self.lag)
+        self.parts = build(cfg, lag=self.lag, busy=lambda: self.lag.busy)
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="kvcache-read")
         try:
             loop = asyncio.get_running_loop()
@@ -207,6 +207,8 @@ class KVCache:
         """The parsed request (None when routing cannot read it), the decision, and how often
         the prompt was seen in the hot window."""
         cfg, router, r = parts.cfg, parts.router, flow.request
+        if not cfg.enabled:
+            return None, router.balance("disabled"), 0
         if r.method.upper() != "POST" or r.path.split("?", 1)[0] not in cfg.llm_paths:
             return None, router.balance("not-llm"), 0
         raw = r.raw_content or b""
@@ -223,8 +225,6 @@ class KVCache:
             return None, router.balance(e.why), 0
         if req is None:
             return None, router.balance("unparsable"), 0
-        if not cfg.enabled:
-            return req, router.balance("disabled"), 0
         hot = parts.hotness.record(req.key)
         return req, await router.route(req), hot
 
@@ -318,16 +318,16 @@ class KVCache:
         flow.comment = text
         if d.reason == "cache-hit":
             flow.marked = ":dart:"
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("[kvcache] %s -> %s %s %s", flow.request.path, ep.id, d.reason, d.why)
+        # No per-request log line: mitmproxy's root logger is at DEBUG, so even a debug line
+        # is formatted and handled for every request; the comment and metadata carry it.
 
     def _schedule(self, flow: http.HTTPFlow, parts: Parts, req: LLMRequest, hot: int,
                   answer: dict[str, int] | None) -> None:
         manager = parts.manager
-        if not manager.might_act(hot) and (
+        if not manager.needs_job(req.key, hot, answer) and (
                 req.token_ids is not None or not req.tokenize_body
                 or (parts.token_cache is not None and parts.token_cache.has(req.key))):
-            return  # the tokens are known and the strategy has nothing to decide: no job
+            return  # the tokens are known and the strategy has nothing to do: no job
         job = parts.pool.submit(req.key, lambda j: manager.run(req, j, hot, answer),
                                 parts.cfg.request_timeout)
         if job is not None:
@@ -374,8 +374,9 @@ class KVCache:
             out["inflight"] = dict(self.state.inflight)
             out["routed"] = dict(self.state.routed)
             out["health"] = self.state.health.stats()
-        out["loop_lag_ms"] = {"now": round(self.lag() * 1000, 1),
-                              "worst": round(self.lag.worst * 1000, 1)}
+        out["loop"] = {"lag_ms": round(self.lag() * 1000, 1),
+                       "worst_lag_ms": round(self.lag.worst * 1000, 1),
+                       "busy": round(self.lag.busy, 2)}
         if self.pool is not None:
             out["background"] = asdict(self.pool.stats)
         if self.manager is not None:
@@ -416,6 +417,8 @@ def _route_header(meta: dict[str, Any]) -> str:
         parts.append(f"matched={meta.get('matched_tokens', 0)}/{meta['prompt_tokens']}")
     if meta.get("token_source"):
         parts.append(f"tokens={meta['token_source']}")
+    if meta.get("answer") == "recent-answer":
+        parts.append("answer=recent")  # a controller answer under a second old, reused
     parts.append(f"route_ms={meta.get('route_ms', 0)}")
     return "; ".join(parts)
 

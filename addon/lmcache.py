@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,8 +105,9 @@ class AsyncLMCache:
             JSONClient(base_url) if transport is None else HttpxJSON(base_url, transport))
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
+        ids = tokens.tolist() if isinstance(tokens, array) else tokens  # orjson: no arrays
         async with asyncio.timeout(timeout):
-            resp = await self._client.post("/lookup", {"tokens": tokens})
+            resp = await self._client.post("/lookup", {"tokens": ids})
         return parse_lookup(_answer(resp.status, resp.body, "/lookup"))
 
     async def aclose(self) -> None:

@@ -20,17 +20,24 @@ routing budget is meant for the controller, not for the proxy's own queue, so:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 
 
 class LoopLag:
-    """Recent lag of the event loop, in seconds (the worst of the last `window` samples)."""
+    """Recent lag of the event loop, in seconds (the worst of the last `window` samples), and
+    how busy the process is (CPU seconds per second over the last quarter second): a proxy
+    whose CPU is the bottleneck is busy near 1.0 even while each loop pass stays short."""
 
-    def __init__(self, interval: float = 0.02, window: int = 10) -> None:
+    def __init__(self, interval: float = 0.02, window: int = 10,
+                 cpu: Callable[[], float] = time.process_time) -> None:
         self.interval = interval
         self._samples: deque[float] = deque([0.0], maxlen=window)
         self.worst = 0.0
+        self.busy = 0.0
+        self._cpu = cpu
 
     def add(self, lag: float) -> None:
         lag = max(lag, 0.0)
@@ -42,10 +49,16 @@ class LoopLag:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        wall0, cpu0 = loop.time(), self._cpu()
         while True:
             t = loop.time()
             await asyncio.sleep(self.interval)
-            self.add(loop.time() - t - self.interval)
+            now = loop.time()
+            self.add(now - t - self.interval)
+            if now - wall0 >= 0.25:
+                cpu = self._cpu()
+                self.busy = (cpu - cpu0) / (now - wall0)
+                wall0, cpu0 = now, cpu
 
 
 class deadline:  # noqa: N801 - used like asyncio.timeout

@@ -198,6 +198,22 @@ class CacheManager:
                         "eviction falls back to /clear only with eviction_clear_fallback")
         return has
 
+    def needs_job(self, key: str, hot_count: int, answer: dict[str, int] | None) -> bool:
+        """Whether the strategy could do anything for this request now; the tokens aside.
+
+        Only pinning on (the default) and this prompt already pinned on the holder the
+        request path's answer names, in this hot window: a job would only find that out
+        again, so none is queued (a hot prompt is most of the traffic)."""
+        if not self.might_act(hot_count):
+            return False
+        p = self.settings.strategy
+        if p.enable_compression or p.enable_eviction or answer is None:
+            return True
+        known = {i: n for i, n in answer.items() if i in self.endpoint_urls and n > 0}
+        holder = p.pin_instance_id or (max(known, key=known.__getitem__) if known else "")
+        return not holder or not self.pins.is_pinned(
+            f"{holder}\x00{key}", self.clock(), self.settings.hot_window)
+
     def might_act(self, hot_count: int) -> bool:
         p = self.settings.strategy
         hot = p.enable_pinning and hot_count >= p.hot_content_threshold

@@ -57,8 +57,10 @@ class Parts:
         self.closers = []
 
 
-def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0) -> Parts:
-    """`lag`: the event loop's current lag in seconds (addon/looplag.py)."""
+def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
+          busy: Callable[[], float] = lambda: 0.0) -> Parts:
+    """`lag`: the event loop's current lag in seconds; `busy`: the process's CPU seconds per
+    second (addon/looplag.py)."""
     ids = [ep.id for ep in cfg.endpoints]
     state = EndpointState(ids, cfg.unhealthy_cooldown, outlier=OutlierSettings(
         consecutive_failures=cfg.outlier_consecutive_failures,
@@ -83,7 +85,7 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0) -> Parts:
         tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
         policy=policy_params(cfg), slow_backoff=cfg.slow_backoff,
         probe_timeout=cfg.request_timeout, tokenize_max_chars=cfg.tokenize_max_chars,
-        lag=lag,
+        lag=lag, busy=busy,
     )
     cs = cfg.cache_strategy
     if warning := validate_compress_method(cs.compress_method):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,9 @@ CHUNK_TOKENS = 256
 MAX_TRACKED_REQUESTS = 16384
 
 
+_LITTLE = sys.byteorder == "little"
+
+
 def chunk_hashes(tokens: Sequence[int]) -> tuple[int, ...]:
     """Chained 64-bit hashes of the full 256-token chunks of `tokens`: hash i covers the
     whole prefix up to the end of chunk i, so equal hashes mean equal prefixes."""
@@ -51,14 +56,20 @@ def chunk_hashes(tokens: Sequence[int]) -> tuple[int, ...]:
     # changes the packing, so such a prompt shares no hashes with others: a missed
     # affinity, never a wrong match.
     pieces: list[bytes | memoryview] = []
+    if isinstance(head, array) and head.itemsize == 4 and _LITTLE:
+        # The token cache's 4-byte array: its bytes are the "<i" packing already.
+        buf = memoryview(head).cast("B")
+        step = CHUNK_TOKENS * 4
+        pieces = [buf[i * step : (i + 1) * step] for i in range(n_full)]
     for fmt, size in (("i", 4), ("q", 8)):
+        if pieces:
+            break
         try:
             buf = memoryview(struct.pack(f"<{len(head)}{fmt}", *head))
         except struct.error:
             continue
         step = CHUNK_TOKENS * size
         pieces = [buf[i * step : (i + 1) * step] for i in range(n_full)]
-        break
     if not pieces:
         pieces = [",".join(str(t) for t in head[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS])
                   .encode() for i in range(n_full)]

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cachetools import TTLCache
@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 # The calls' own timeouts sit past the routing deadline (addon/looplag.py), which is what
 # cuts them: the deadline lets an answer that arrived in its last loop pass through.
 GRACE = 0.25
+# CPU seconds per second of the proxy process above which it counts as saturated: one event
+# loop cannot go faster, and a lookup it saves is a request it can proxy instead.
+BUSY = 0.85
 
 
 class Lookup(Protocol):
@@ -74,11 +77,15 @@ class Decision:
     answer: str = ""
 
     def as_metadata(self) -> dict[str, Any]:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name not in ("chunks", "controller") and v not in (None, ""):
-                out[f.name] = v
+        # Spelled out rather than dataclasses.fields(): this runs for every request.
+        out: dict[str, Any] = {"endpoint_id": self.endpoint_id, "reason": self.reason,
+                               "matched_tokens": self.matched_tokens,
+                               "prompt_tokens": self.prompt_tokens,
+                               "unknown_instances": self.unknown_instances}
+        for k, v in (("why", self.why), ("token_source", self.token_source),
+                     ("lookup_ms", self.lookup_ms), ("answer", self.answer)):
+            if v not in (None, ""):
+                out[k] = v
         return out
 
 
@@ -145,6 +152,7 @@ class Router:
         probe_timeout: float = 2.0,
         tokenize_max_chars: int = 1 << 20,
         lag: Callable[[], float] = lambda: 0.0,
+        busy: Callable[[], float] = lambda: 0.0,
         answer_ttl: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -162,10 +170,12 @@ class Router:
         # that its outcome (not the budget) decides whether the controller is back.
         self.probe_timeout = max(probe_timeout, budget)
         self.tokenize_max_chars = tokenize_max_chars
-        # The event loop's current lag (addon/looplag.py): past half the budget, a budget
-        # spent before the lookup was sent is the proxy's saturation, not the controller's
-        # fault; past the whole budget, recent answers are reused instead of asking again.
+        # The event loop's current lag and the process's CPU use (addon/looplag.py): past
+        # half the budget of lag, a budget spent before the lookup was sent is the proxy's
+        # saturation, not the controller's fault; while the CPU is the bottleneck (busy) or
+        # the lag exceeds the budget, recent answers are reused instead of asking again.
         self.lag = lag
+        self.busy = busy
         # Recent controller answers by prefix chunk hash, reused only while saturated.
         self._answers: TTLCache[int, dict[str, int]] = TTLCache(
             4096, max(answer_ttl, 1e-9), timer=clock)
@@ -304,9 +314,9 @@ class Router:
         if req.token_ids is not None:
             return req.token_ids, "request", ""
         if self.token_cache is not None:
-            tokens, source = self.token_cache.lookup(req.key, req.prefix_keys)
-            if tokens:
-                return tokens, source, ""
+            cached, source = self.token_cache.lookup_array(req.key, req.prefix_keys)
+            if cached:
+                return cached, source, ""  # type: ignore[return-value]
         if self.tokenizer is None or not req.tokenize_body:
             return (), "", "no-tokens"
         if len(req.prompt) > self.tokenize_max_chars:
@@ -355,7 +365,7 @@ class Router:
         if not self.controller_breaker.allow():
             self.stats.breaker_skips += 1
             return self.fallback("controller-breaker-open", phase)
-        if self.lag() > self.budget and (recent := self._recent_answer(chunks)):
+        if self.saturated() and (recent := self._recent_answer(chunks)):
             # Saturated: spend less per request rather than time out (an answer under
             # answer_ttl old for this prefix, merged with the proxy's own view below).
             self.stats.recent_answers += 1
@@ -390,6 +400,9 @@ class Router:
         if self.answer_ttl > 0:
             self._answers[chunks[-1]] = result.matches
         return self._decide(result.matches, chunks, n, source, ms, "controller")
+
+    def saturated(self) -> bool:
+        return self.busy() >= BUSY or self.lag() > self.budget
 
     def _recent_answer(self, chunks: tuple[int, ...]) -> dict[str, int] | None:
         """The most recent controller answer for the longest prefix of these chunks, capped

@@ -59,3 +59,14 @@ async def test_loop_lag_sees_a_blocked_loop() -> None:
     await asyncio.sleep(0.03)
     assert lag() >= 0.05 and lag.worst >= 0.05
     task.cancel()
+
+
+async def test_busy_is_the_process_cpu_share() -> None:
+    cpu = [0.0]
+    lag = LoopLag(interval=0.01, cpu=lambda: cpu[0])
+    task = asyncio.ensure_future(lag.run())
+    for _ in range(40):  # ~0.4 s in which the "process" used 0.9 CPU-s per second
+        await asyncio.sleep(0.01)
+        cpu[0] += 0.009
+    assert 0.6 < lag.busy < 1.2
+    task.cancel()

@@ -140,3 +140,11 @@ def test_prefix_heat_forgets_beyond_its_bound() -> None:
     assert heat.record(["a"], 1, 0.0)[0] == 1.0
     with pytest.raises(ValueError):
         PrefixHeat(half_life=0)
+
+
+def test_chunk_hashes_of_the_token_cache_array_equal_the_tuples() -> None:
+    from array import array
+
+    tokens = list(range(40_000, 40_000 + 1000))
+    assert chunk_hashes(array("i", tokens)) == chunk_hashes(tuple(tokens))
+    assert chunk_hashes(array("q", tokens)) == chunk_hashes(tuple(tokens))

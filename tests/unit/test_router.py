@@ -323,10 +323,10 @@ async def test_a_saturated_proxy_reuses_a_recent_answer_for_the_prefix() -> None
     r = make(lk, FakeTokenizer(), budget=0.05)
     d = await r.route(req())
     assert d.answer == "controller" and d.controller == {"e2": 512}
-    r.lag = lambda: 0.2  # the loop is a whole budget behind
+    r.busy = lambda: 0.95  # the CPU is the bottleneck
     d = await r.route(req("other-key"))
     assert (d.endpoint_id, d.reason, d.answer) == ("e2", "cache-hit", "recent-answer")
     assert len(lk.calls) == 1 and r.stats.recent_answers == 1
-    r.lag = lambda: 0.0  # at rest the controller is always asked
+    r.busy = lambda: 0.3  # at rest the controller is always asked
     await r.route(req("third"))
     assert len(lk.calls) == 2
