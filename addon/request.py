@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orjson import loads  # ~3x json's speed on a 100 KB body
+
 
 @dataclass(frozen=True)
 class LLMRequest:
@@ -95,9 +97,12 @@ def parse_llm_request(
     if content_type and "json" not in content_type.lower():
         return None
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
-        return None
+        data = loads(body)
+    except ValueError:
+        try:  # orjson refuses what json accepts: lone surrogates, nesting past 1024
+            data = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays/objects
+            return None
     if not isinstance(data, dict):
         return None
     model = data.get("model")

@@ -96,6 +96,7 @@ class _Phase:
     chunks: tuple[int, ...] = ()  # the prompt's chunk hashes, once known
     prompt_tokens: int = 0
     source: str = ""
+    cache_key: str = ""  # the token-cache key the tokens came from
 
 
 @dataclass
@@ -314,7 +315,8 @@ class Router:
         if req.token_ids is not None:
             return req.token_ids, "request", ""
         if self.token_cache is not None:
-            cached, source = self.token_cache.lookup_array(req.key, req.prefix_keys)
+            cached, source, phase.cache_key = self.token_cache.lookup_entry(
+                req.key, req.prefix_keys)
             if cached:
                 return cached, source, ""  # type: ignore[return-value]
         if self.tokenizer is None or not req.tokenize_body:
@@ -342,10 +344,10 @@ class Router:
         self.tokenizer_breaker.record_success()
         self.slow_tokenize.record_success()
         self.stats.tokenized_on_path += 1
-        tokens = tuple(tokens_list)
         if self.token_cache is not None:
-            self.token_cache.put(req.key, tokens)
-        return tokens, "tokenized", ""
+            self.token_cache.put(req.key, tokens_list)
+        phase.cache_key = req.key
+        return tokens_list, "tokenized", ""  # type: ignore[return-value]
 
     async def _route(self, req: LLMRequest, deadline: float, phase: _Phase) -> Decision:
         tokens, source, why = await self._tokens(req, deadline, phase)
@@ -357,7 +359,8 @@ class Router:
             # The controller hashes 256-token chunks: a shorter prompt never matches, so
             # asking about one only spends the budget.
             return self._with(self.balance("short-prompt"), n, source)
-        chunks = phase.chunks = chunk_hashes(tokens)
+        chunks = self._chunks_of(tokens, phase.cache_key)
+        phase.chunks = chunks
         if self.controller_breaker.is_open():
             self.stats.breaker_skips += 1
             return self.fallback("controller-breaker-open", phase)
@@ -400,6 +403,17 @@ class Router:
         if self.answer_ttl > 0:
             self._answers[chunks[-1]] = result.matches
         return self._decide(result.matches, chunks, n, source, ms, "controller")
+
+    def _chunks_of(self, tokens: tuple[int, ...], cache_key: str) -> tuple[int, ...]:
+        """The chunk hashes, remembered with the cached tokens they came from."""
+        tc = self.token_cache
+        if tc is None or not cache_key:
+            return chunk_hashes(tokens)
+        chunks = tc.chunks(cache_key)
+        if chunks is None:
+            chunks = chunk_hashes(tokens)
+            tc.put_chunks(cache_key, chunks)
+        return chunks
 
     def saturated(self) -> bool:
         return self.busy() >= BUSY or self.lag() > self.budget

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterable
 from cachetools import TTLCache
 
 
-def _compact(tokens: Iterable[int]) -> array[int]:
+def compact(tokens: Iterable[int]) -> array[int]:
+    """Token ids as a 4-byte array (8-byte past 2**31); an array is kept as it is. Raises
+    TypeError for anything but integers, which also makes it the check of a tokenizer's
+    answer (in C: a Python loop of isinstance over 16k ids costs ~1 ms)."""
+    if isinstance(tokens, array) and tokens.typecode in ("i", "q"):
+        return tokens
     try:
         return array("i", tokens)
     except OverflowError:  # ids past 2**31: no tokenizer has them, but never fail on them
@@ -32,6 +37,9 @@ class TokenCache:
         self, max_size: int, ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._cache: TTLCache[str, array[int]] = TTLCache(max_size, ttl, timer=clock)
+        # Chunk hashes of cached prompts, filled by the request path on first use (a 16k-token
+        # prompt costs ~0.3 ms to hash); bounded and aged like the tokens.
+        self._chunks: TTLCache[str, tuple[int, ...]] = TTLCache(max_size, ttl, timer=clock)
         self._lock = threading.Lock()
         self.hits = 0
         self.prefix_hits = 0
@@ -39,7 +47,7 @@ class TokenCache:
 
     def put(self, key: str, tokens: Iterable[int]) -> None:
         with self._lock:
-            self._cache[key] = _compact(tokens)
+            self._cache[key] = compact(tokens)
 
     def get(self, key: str) -> tuple[int, ...] | None:
         with self._lock:
@@ -63,18 +71,33 @@ class TokenCache:
         """`lookup` without the copy: the stored array itself, for the request path (a
         16k-token tuple costs ~0.1 ms to build; the array hashes and serializes directly).
         Callers must not modify it."""
+        tokens, source, _ = self.lookup_entry(key, prefix_keys)
+        return tokens, source
+
+    def lookup_entry(self, key: str, prefix_keys: Iterable[str] = ()) -> tuple[
+            array[int] | tuple[()], str, str]:
+        """`lookup_array` and the key it was found under ("" when not found)."""
         with self._lock:
             tokens = self._cache.get(key)
             if tokens is not None:
                 self.hits += 1
-                return tokens, "exact"
+                return tokens, "exact", key
             for pk in prefix_keys:
                 tokens = self._cache.get(pk)
                 if tokens is not None:
                     self.prefix_hits += 1
-                    return tokens, "prefix"
+                    return tokens, "prefix", pk
             self.misses += 1
-            return (), ""
+            return (), "", ""
+
+    def chunks(self, key: str) -> tuple[int, ...] | None:
+        with self._lock:
+            return self._chunks.get(key)
+
+    def put_chunks(self, key: str, chunks: tuple[int, ...]) -> None:
+        with self._lock:
+            if key in self._cache:
+                self._chunks[key] = chunks
 
     def __len__(self) -> int:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from addon.http1 import HttpxJSON, JSONClient, loads
 from addon.resilience import StatusError, UnparsableResponse
+from addon.tokens import compact
 
 _JSON = {"content-type": "application/json"}
 
@@ -26,11 +28,11 @@ def _body(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
-def _tokens(resp: httpx.Response) -> list[int]:
+def _tokens(resp: httpx.Response) -> array[int]:
     return _tokens_of(resp.status_code, resp.content)
 
 
-def _tokens_of(status: int, body: bytes) -> list[int]:
+def _tokens_of(status: int, body: bytes) -> array[int]:
     if status >= 400:
         message = ""
         try:
@@ -43,9 +45,12 @@ def _tokens_of(status: int, body: bytes) -> list[int]:
         tokens = loads(body)["tokens"]
     except (ValueError, KeyError, TypeError):
         raise UnparsableResponse("/tokenize answer has no tokens") from None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-        raise UnparsableResponse("/tokenize tokens are not integers")
-    return tokens
+    if not isinstance(tokens, list):
+        raise UnparsableResponse("/tokenize tokens are not a list")
+    try:
+        return compact(tokens)
+    except TypeError:
+        raise UnparsableResponse("/tokenize tokens are not integers") from None
 
 
 class AsyncTokenizer:
@@ -55,7 +60,7 @@ class AsyncTokenizer:
         self._client: JSONClient | HttpxJSON = (
             JSONClient(base_url) if transport is None else HttpxJSON(base_url, transport))
 
-    async def tokenize(self, body: dict[str, Any], timeout: float) -> list[int]:
+    async def tokenize(self, body: dict[str, Any], timeout: float) -> array[int]:
         async with asyncio.timeout(timeout):
             resp = await self._client.post("/tokenize", body)
         return _tokens_of(resp.status, resp.body)
@@ -99,7 +104,7 @@ class Engine:
     def __init__(self, transport: httpx.BaseTransport | None = None) -> None:
         self._client = httpx.Client(transport=transport)
 
-    def tokenize(self, base_url: str, body: dict[str, Any], timeout: float) -> list[int]:
+    def tokenize(self, base_url: str, body: dict[str, Any], timeout: float) -> array[int]:
         return _tokens(self._client.post(
             f"{base_url}/tokenize", content=_body(body), headers=_JSON, timeout=timeout))
 
