@@ -55,6 +55,9 @@ class KVCache:
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: dict[str, Job] = {}  # flow id -> its background job, until it ends
         self._flow_endpoint: dict[str, str] = {}  # flow id -> endpoint counted in flight
+        # client connection id -> its flow being sent (HTTP/1: one at a time), so that
+        # server_connect can find the flow a new upstream connection is for.
+        self._by_client: dict[str, http.HTTPFlow] = {}
         # Bodies too large to read on the event loop (and gzip bodies) are read here.
         self._readers: ThreadPoolExecutor | None = None
         self._log_relay: ToLoop | None = None
@@ -275,6 +278,36 @@ class KVCache:
             self._ejected(eid, f"failed {parts.cfg.outlier_consecutive_failures} requests "
                                "in a row (resets/5xx)")
 
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Before connecting: a flow routed to an endpoint that was ejected since (its first
+        refused connect came in the meantime) goes to a healthy one instead. mitmproxy has
+        no hook to retry a connect that failed, so this is as close to a retry as it gets:
+        only the flows routed before the ejection was known can still fail."""
+        parts = self.parts
+        flow = self._by_client.get(data.client.id)
+        if parts is None or flow is None or data.server.address is None:
+            return
+        eid = self._flow_endpoint.get(flow.id)
+        addr = (str(data.server.address[0]), int(data.server.address[1]))
+        if eid is None or parts.by_address.get(addr) != eid or not parts.state.health.ejected(eid):
+            return
+        old = parts.cfg.endpoint(eid)
+        d = parts.router.balance("endpoint-ejected")
+        new = parts.cfg.endpoint(d.endpoint_id)
+        if old is None or new is None or new.id == eid or new.scheme != old.scheme:
+            return
+        parts.router.finished(flow.id, eid)
+        parts.router.started(flow.id, d)
+        self._flow_endpoint[flow.id] = new.id
+        flow.request.host, flow.request.port = new.host, new.port
+        data.server.address = (new.host, new.port)
+        meta = flow.metadata.get("kvcache", {})
+        meta.update(endpoint_id=new.id, reason=d.reason, why=f"rerouted-from-{eid}",
+                    matched_tokens=0)
+        flow.comment = f"kvcache → {new.id}: {d.reason} ({eid} was ejected before connecting)"
+        flow.marked = ""
+        parts.router.stats.rerouted += 1
+
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         parts = self.parts
         if parts is None or data.server.address is None:
@@ -305,6 +338,7 @@ class KVCache:
         flow.request.port = ep.port
         parts.router.started(flow.id, d)
         self._flow_endpoint[flow.id] = ep.id
+        self._by_client[flow.client_conn.id] = flow
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
         flow.metadata["kvcache"] = meta
@@ -340,6 +374,8 @@ class KVCache:
         job = self._jobs.pop(flow.id, None)
         if job is not None and flow.error is not None and self.pool is not None:
             self.pool.cancel(job)  # the client went away: its job is moot if not started
+        if self._by_client.get(flow.client_conn.id) is flow:
+            del self._by_client[flow.client_conn.id]
         eid = self._flow_endpoint.pop(flow.id, None)
         if eid is not None and self.router is not None:
             self.router.finished(flow.id, eid)

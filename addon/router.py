@@ -115,6 +115,7 @@ class RouterStats:
     hook_errors: int = 0  # requests the hook could not route (load-balanced instead)
     saturated: int = 0  # routing ran out of time because the proxy's own loop was behind
     recent_answers: int = 0  # routed from a recent controller answer while saturated
+    rerouted: int = 0  # moved off an endpoint ejected between routing and connecting
 
 
 def service_unhealthy(e: BaseException) -> bool:

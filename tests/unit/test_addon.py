@@ -328,3 +328,31 @@ def flow_error(msg: str) -> object:
     from mitmproxy import flow
 
     return flow.Error(msg)
+
+
+async def test_a_flow_routed_to_an_endpoint_ejected_before_connecting_is_moved(
+        tmp_path: Path) -> None:
+    from mitmproxy import connection
+    from mitmproxy.proxy import server_hooks
+
+    cfg = CONFIG.replace('"https://10.9.9.9:8443"', '"http://127.0.0.1:8002"')
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path, cfg))
+        a.running()
+        assert a.state is not None and a.router is not None
+        f = tflow.tflow()
+        f.request = tutils.treq(method=b"GET", path=b"/v1/models")
+        await a.request(f)
+        first = f.metadata["kvcache"]["endpoint_id"]
+        other = ({"vllm-instance-1", "vllm-instance-2"} - {first}).pop()
+        port = f.request.port
+        a.state.health.failure(first, "connect-refused")  # another flow's connect failed
+        server = connection.Server(address=("127.0.0.1", port))
+        a.server_connect(server_hooks.ServerConnectionHookData(server=server,
+                                                               client=f.client_conn))
+        assert server.address[1] != port and f.request.port == server.address[1]
+        assert f.metadata["kvcache"]["endpoint_id"] == other
+        assert a.state.inflight[first] == 0 and a.state.inflight[other] == 1
+        assert a.router.stats.rerouted == 1
+        a.done()
