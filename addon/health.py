@@ -43,6 +43,7 @@ class _Endpoint:
     ejections: int = 0  # ejections in a row (reset by a success after the last one)
     ejected_until: float = 0.0
     last_ok: float = 0.0
+    last_failure: float = float("-inf")
     failures: dict[str, int] = field(default_factory=dict)
     ejected_total: int = 0
 
@@ -75,7 +76,16 @@ class Health:
         up = [e for e in self.ids if self._eps[e].ejected_until <= now]
         if up:
             return up
-        return [max(self.ids, key=lambda e: self._eps[e].last_ok)]
+        return [max(self.ids, key=self._recency)]
+
+    def _recency(self, eid: str) -> tuple[bool, float]:
+        """Healthy most recently: an endpoint that answered after its last failure, the
+        latest first; else the one that has been failing the longest ago. (An engine that
+        just died answered until a moment ago: its last success alone would pick it.)"""
+        ep = self._eps[eid]
+        if ep.last_ok > ep.last_failure:
+            return True, ep.last_ok
+        return False, -ep.last_failure
 
     def success(self, eid: str) -> None:
         ep = self._eps.get(eid)
@@ -101,6 +111,7 @@ class Health:
         if ep is None:
             return False
         now = self._clock()
+        ep.last_failure = now
         ep.failures[kind] = ep.failures.get(kind, 0) + 1
         ep.consecutive += 1
         if ep.ejected_until > now:

@@ -316,7 +316,7 @@ class KVCache:
         if eid is None:
             return
         err = str(data.server.error or "").lower()
-        if "cancel" in err:
+        if "cancel" in err or "client disconnected" in err or data.client.timestamp_end:
             return  # mitmproxy gave up the connect because the client left: not the endpoint
         kind = "connect-timeout" if "timed out" in err else "connect-refused"
         if parts.state.health.failure(eid, kind):

@@ -214,6 +214,8 @@ def start_engine(cfg: EngineConfig, mode: Mode = "thread") -> Iterator[str]:
         args += ["--controller", cfg.controller_url]
     if cfg.enable_prompt_tokens_details:
         args.append("--enable-prompt-tokens-details")
+    if cfg.echo_body_sha256:
+        args.append("--echo-body-sha256")
     with run_module("sim.engine_server", args, cfg.host, 0, ready_path="/health") as url:
         yield url
 

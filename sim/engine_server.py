@@ -13,6 +13,9 @@ they never delay a response and the controller sees them in order.
 
 Simulator-only endpoints live under ``/sim/``: ``GET /sim/state``, ``POST /sim/faults``
 (``{"dead": bool}``: ``/health`` answers 503 and generation 500) and ``POST /sim/clear``.
+With ``echo_body_sha256`` (``--echo-body-sha256``) every response carries
+``x-body-sha256``: the SHA-256 of the request body exactly as received (a soak checks with
+it that the proxy forwarded the client's bytes unchanged).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -89,6 +93,7 @@ class EngineConfig:
     engine_label: str = "0"
     report_timeout_s: float = 2.0
     register_timeout_s: float = 30.0
+    echo_body_sha256: bool = False
 
     def __post_init__(self) -> None:
         if self.time_scale < 0:
@@ -510,6 +515,44 @@ def _completion_prompt_tokens(req: CompletionRequest) -> list[int]:
     return list(single)  # type: ignore[arg-type]
 
 
+class BodySha256:
+    """ASGI middleware: read the whole request body, then answer with its SHA-256 in the
+    ``x-body-sha256`` response header (the app gets the same body replayed)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        digest = hashlib.sha256(body).hexdigest().encode()
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def send_with_digest(msg: Any) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-body-sha256", digest)]}
+            await send(msg)
+
+        await self.app(scope, replay, send_with_digest)
+
+
 def create_app(cfg: EngineConfig) -> FastAPI:
     """The FastAPI app of one simulated vLLM server."""
     rt = EngineRuntime(cfg)
@@ -535,6 +578,11 @@ def create_app(cfg: EngineConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.err_type, exc.message, exc.param)
+
+    @app.exception_handler(UnicodeError)
+    async def _unencodable(_: Request, exc: UnicodeError) -> JSONResponse:
+        # A prompt the tokenizer cannot encode (a lone surrogate): vLLM answers 400.
+        return error_response(400, "BadRequestError", f"The prompt cannot be encoded: {exc}")
 
     async def serve(
         kind: Literal["chat", "completion"],
@@ -752,6 +800,8 @@ def create_app(cfg: EngineConfig) -> FastAPI:
     async def sim_clear() -> JSONResponse:
         return JSONResponse({"evicted_chunks": rt.clear()})
 
+    if cfg.echo_body_sha256:
+        app.add_middleware(BodySha256)
     return app
 
 
@@ -770,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=32768)
     p.add_argument("--max-batch", type=int, default=CostModel.max_batch)
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
+    p.add_argument("--echo-body-sha256", action="store_true",
+                   help="answer with x-body-sha256: the SHA-256 of the request body received")
     return p
 
 
@@ -787,6 +839,7 @@ def config_from_args(args: argparse.Namespace, base_url: str) -> EngineConfig:
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        echo_body_sha256=args.echo_body_sha256,
     )
 
 

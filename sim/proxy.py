@@ -27,6 +27,7 @@ class Proxy:
     url: str
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # time.monotonic() each line was read
 
     def log(self) -> str:
         return "\n".join(self.lines)
@@ -53,18 +54,20 @@ def write_config(path: Path, engines: dict[str, str], controller: str, **extra: 
 
 
 def command(config: Path, confdir: Path, listen: str = "127.0.0.1:0",
-            program: str = "mitmdump") -> list[str]:
+            program: str = "mitmdump", addon: Path = ADDON) -> list[str]:
     """The command line a user runs: the addon, reverse mode, lazy upstream connections."""
     first = yaml.safe_load(config.read_text())["endpoints"][0]["url"]
-    return [str(MITMDUMP.with_name(program)), "--set", f"confdir={confdir}", "-s", str(ADDON),
+    return [str(MITMDUMP.with_name(program)), "--set", f"confdir={confdir}", "-s", str(addon),
             "--mode", f"reverse:{first}@{listen}", "--set", "connection_strategy=lazy",
             "--set", f"kvcache_config={config}"]
 
 
 @contextmanager
-def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20) -> Iterator[Proxy]:
-    """Start mitmdump in reverse mode on a free port; yield its URL; stop it on exit."""
-    cmd = [*command(config, tmp / "mitmconf"), *args]
+def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20,
+             addon: Path = ADDON) -> Iterator[Proxy]:
+    """Start mitmdump in reverse mode on a free port; yield its URL; stop it on exit.
+    ``addon`` is the script to load (default: this checkout's addon/kvcache.py)."""
+    cmd = [*command(config, tmp / "mitmconf", addon=addon), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp, env=env)
@@ -74,6 +77,7 @@ def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20) -> Iterat
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            proxy.times.append(time.monotonic())
             proxy.lines.append(line.rstrip("\n"))
             m = _LISTEN.search(line)
             if m and not proxy.url:

@@ -61,11 +61,12 @@ def test_all_ejected_tries_the_most_recently_healthy() -> None:
     h, t = make()
     for e in IDS:
         t[0] += 1
-        h.success(e)
-    t[0] += 1
-    h.success("e2")
-    for e in IDS:
         h.failure(e, "connect-refused")
+    t[0] += 1
+    h.success("e2")  # a long request on e2 finished well after e2 was ejected
+    t[0] += 1
+    h.success("e4")
+    h.failure("e4", "reset")  # ...but e4 failed again since
     assert h.candidates() == ["e2"]
 
 
@@ -79,3 +80,19 @@ def test_probe_ok_ends_an_ejection_and_unknown_ids_are_ignored() -> None:
     assert not h.failure("nope", "connect-refused")
     h.success("nope")
     assert h.stats()["e3"]["failures"] == {"probe": 1, "connect-refused": 1}
+
+
+def test_all_ejected_never_prefers_the_one_that_just_died() -> None:
+    h, t = make()
+    for e in IDS:
+        h.success(e)
+    t[0] += 1
+    h.failure("e1", "reset")  # e1, e2, e4 fail for a while (then are ejected)...
+    h.failure("e2", "reset")
+    h.failure("e4", "reset")
+    t[0] += 1
+    h.success("e3")  # ...e3 answered last, then died
+    t[0] += 0.1
+    for e in IDS:
+        h.failure(e, "connect-refused")
+    assert h.candidates() == ["e1"]  # failing the longest ago, not the one that just died

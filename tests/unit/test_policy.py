@@ -43,12 +43,13 @@ def test_endpoint_state_health_and_inflight() -> None:
     assert s.healthy() == ["e1", "e3"]
     t[0] = 11
     assert s.healthy() == IDS
-    s.health.success("e3")  # e3 answered last
     for e in IDS:
         s.mark_down(e)
-    # All down: the one most recently seen healthy is tried, not refused and not the least
-    # loaded (a dead endpoint fails fast and so always looks least loaded).
-    assert s.healthy() == ["e3"]
+        t[0] += 1
+    # All down: one is tried rather than the request refused; not the least loaded (a dead
+    # endpoint fails fast and so always looks least loaded) but, with none healthy since its
+    # last failure, the one that has been failing the longest (addon/health.py).
+    assert s.healthy() == ["e1"]
 
 
 def test_cost_policy_keeps_affinity_until_the_holder_is_much_busier() -> None:
