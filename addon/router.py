@@ -44,6 +44,8 @@ GRACE = 0.25
 # CPU seconds per second of the proxy process above which it counts as saturated: one event
 # loop cannot go faster, and a lookup it saves is a request it can proxy instead.
 BUSY = 0.85
+# Lookups at most let run past the budget at once (each holds a controller connection).
+MAX_LATE = 32
 
 
 class Lookup(Protocol):
@@ -97,6 +99,7 @@ class _Phase:
     prompt_tokens: int = 0
     source: str = ""
     cache_key: str = ""  # the token-cache key the tokens came from
+    lookup_task: asyncio.Task[LookupResult] | None = None
 
 
 @dataclass
@@ -116,6 +119,7 @@ class RouterStats:
     saturated: int = 0  # routing ran out of time because the proxy's own loop was behind
     recent_answers: int = 0  # routed from a recent controller answer while saturated
     rerouted: int = 0  # moved off an endpoint ejected between routing and connecting
+    late_lookups: int = 0  # lookups let run past the budget on a lagging loop
 
 
 def service_unhealthy(e: BaseException) -> bool:
@@ -183,6 +187,7 @@ class Router:
             4096, max(answer_ttl, 1e-9), timer=clock)
         self.answer_ttl = answer_ttl
         self._probes: set[asyncio.Task[LookupResult]] = set()
+        self._late: set[asyncio.Task[LookupResult]] = set()  # lookups past the budget
         self.state = state
         self.balancer = balancer
         self.token_cache = token_cache
@@ -275,14 +280,24 @@ class Router:
         self.stats.routed += 1
         deadline = self.clock() + self.budget
         phase = _Phase()  # what was in flight if the budget runs out
+        dl = Deadline(self.budget)
         try:
-            async with Deadline(self.budget):
+            async with dl:
                 return await self._route(req, deadline, phase)
         except TimeoutError:
-            if phase.name != "lookup" or phase.lookup_given < self.budget / 2:
-                saturated = self.lag() > self.budget / 2
+            lagging = max(dl.late, self.lag()) > self.budget / 4
+            if phase.name == "lookup" and phase.lookup_given >= self.budget / 2:
+                # The controller had the budget; was it slow, or was the proxy's own loop
+                # too far behind to read its answer in time? On a lagging loop the lookup
+                # runs on and its outcome decides (_late_done); at rest it is cut here.
+                saturated = lagging
+                if lagging:  # judged by its outcome if there is room for one more
+                    self._keep_late(phase.lookup_task)
             else:
-                saturated = False  # the controller had the budget (and the lag) to answer
+                # The budget went before the lookup was sent: the proxy's doing if it lags.
+                saturated = self.lag() > self.budget / 2
+            if phase.lookup_task is not None and phase.lookup_task not in self._late:
+                phase.lookup_task.cancel()
             if saturated:
                 # The proxy's own loop ate the budget before the lookup was sent: not the
                 # controller's fault. Said once a minute and counted, never silently.
@@ -384,8 +399,12 @@ class Router:
             if probe:
                 result = await asyncio.shield(self._probe(tokens))
             else:
-                result = await self.lmcache.lookup(
-                    tokens, max(phase.lookup_given, 0.001) + GRACE)
+                # A task, so that on a lagging loop it can outlive the budget (route()).
+                task = phase.lookup_task = asyncio.ensure_future(
+                    self.lmcache.lookup(tokens, self.probe_timeout))
+                task.add_done_callback(
+                    lambda t, t0=t0, chunks=chunks: self._late_done(t, t0, chunks))
+                result = await asyncio.shield(task)
         except Exception as e:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
@@ -484,6 +503,51 @@ class Router:
             self.slow_lookup.record_success()
         else:
             self.controller_breaker.record_failure()
+
+    def _keep_late(self, task: asyncio.Task[LookupResult] | None) -> bool:
+        """Let a lookup that missed the budget on a lagging loop run on, to be judged by its
+        outcome; at most MAX_LATE at once (a hanging controller must not collect sockets)."""
+        if task is None or task.done() or len(self._late) >= MAX_LATE:
+            return False
+        self._late.add(task)
+        self.stats.late_lookups += 1
+        # Past the budget plus three passes of the lag, a late answer would be judged slow
+        # anyway: stop waiting then, so a hanging controller is found out that soon.
+        wait = self.budget + 3 * self.lag() + GRACE
+        asyncio.get_running_loop().call_later(wait, self._late_expired, task)
+        return True
+
+    def _late_expired(self, task: asyncio.Task[LookupResult]) -> None:
+        if task in self._late and not task.done():
+            self._late.discard(task)
+            task.cancel()
+            self.slow_lookup.record_failure()
+
+    def _late_done(self, task: asyncio.Task[LookupResult], t0: float,
+                   chunks: tuple[int, ...]) -> None:
+        """A lookup that outlived the budget ended: was the controller slow, or the proxy?
+        Its answer time less the loop's lag says; the answer itself is kept for reuse."""
+        if task not in self._late:
+            return  # answered within the budget (judged inline) or cut at the deadline
+        self._late.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()
+        if e is not None:
+            if describe_error(e) == "timeout":
+                self.slow_lookup.record_failure()
+            elif service_unhealthy(e):
+                self.controller_breaker.record_failure()
+            return
+        self.controller_breaker.record_success()
+        # An exchange takes up to three loop passes (connect, send, read), each as late as
+        # the loop's lag: an answer within the budget plus that was the proxy's delay.
+        if self.clock() - t0 <= self.budget + 3 * self.lag():
+            self.slow_lookup.record_success()
+        else:
+            self.slow_lookup.record_failure()
+        if self.answer_ttl > 0 and chunks:
+            self._answers[chunks[-1]] = task.result().matches
 
     def _lookup_timed_out(self, given: float) -> None:
         # Only a lookup that had a fair share of the budget and still timed out says the

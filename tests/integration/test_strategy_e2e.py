@@ -117,7 +117,10 @@ def _hang_burst(cluster: Cluster, tmp: Path, budget_ms: int) -> None:
             assert [r.status_code for r in responses] == [200] * 200
             infos = [route(r) for r in responses]
             assert all(i["reason"] == "least_inflight" for i in infos)
-            assert {i["why"] for i in infos} <= {"lookup-timeout", "controller-slow"}
+            # A burst of 200 new connections puts the proxy's own loop behind: those lookups
+            # are judged after the budget (proxy-saturated), the rest at it.
+            assert {i["why"] for i in infos} <= {
+                "lookup-timeout", "controller-slow", "proxy-saturated"}
             # The controller never answers: without the budget every request would wait for
             # the client's 60 s timeout. With it, the extra time is the budget plus what one
             # event loop spends opening 200 lookup connections on a shared 2-core machine
@@ -129,10 +132,14 @@ def _hang_burst(cluster: Cluster, tmp: Path, budget_ms: int) -> None:
             route_ms = sorted(float(i["route_ms"]) for i in infos)
             assert route_ms[median] < budget_ms + 400, route_ms  # + loop lag of the burst
             assert route_ms[-1] < 1500, route_ms
-            # Lookups timed out in a row: the next requests skip the lookup entirely.
-            again, _ = asyncio.run(burst(proxy.url, 20, 3))
-            whys = [route(r)["why"] for r in again]
-            # (a backoff that ran out lets one probe through, which times out again)
+            # Lookups timed out in a row (judged once the late ones ran out): the next
+            # requests skip the lookup entirely, but for one probe per backoff.
+            end = time.monotonic() + 5
+            while True:
+                again, _ = asyncio.run(burst(proxy.url, 20, 3))
+                whys = [route(r)["why"] for r in again]
+                if whys.count("controller-slow") >= 18 or time.monotonic() > end:
+                    break
             assert whys.count("controller-slow") >= 18, whys
             # A handful of log lines for the whole outage, not one per request.
             assert proxy.log().count("[kvcache]") <= 6, proxy.log()

@@ -297,6 +297,7 @@ async def test_a_client_hang_up_does_not_eject_but_a_refused_connect_does(
         f.error = flow_error("Client disconnected.")
         a.error(f)
         assert eid in a.state.healthy()
+        f.client_conn.timestamp_end = None  # the client is still there
         server = connection.Server(address=("127.0.0.1", 8001))
         server.error = "[Errno 111] Connect call failed ('127.0.0.1', 8001)"
         a.server_connect_error(server_hooks.ServerConnectionHookData(

@@ -26,7 +26,8 @@ class FakeLookup:
     async def lookup(self, tokens: Any, timeout: float) -> LookupResult:
         self.calls.append(tuple(tokens))
         if self.delay:
-            await asyncio.sleep(self.delay)
+            async with asyncio.timeout(timeout):
+                await asyncio.sleep(self.delay)
         if isinstance(self.answer, BaseException):
             raise self.answer
         return self.answer
@@ -310,11 +311,32 @@ async def test_budget_eaten_by_the_proxy_is_proxy_saturated_not_a_slow_controlle
     assert r.slow_lookup.stats()["consecutive_failures"] == 0
 
 
-async def test_a_lookup_that_had_the_budget_is_the_controllers_fault_even_under_lag() -> None:
-    r = make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(), budget=0.05)
+async def test_a_lookup_late_on_a_lagging_loop_is_judged_by_its_outcome() -> None:
+    # The loop is 200 ms behind: a lookup that misses the 50 ms budget runs on. Answered in
+    # 100 ms (less than the lag past the budget), the controller was fine: no backoff, and
+    # its answer is kept for the next request on that prefix.
+    r = make(FakeLookup(LookupResult({"e2": 512}), delay=0.1), FakeTokenizer(), budget=0.05)
     r.lag = lambda: 0.2
     d = await r.route(req())
-    assert d.why == "lookup-timeout" and r.stats.saturated == 0
+    assert d.why == "proxy-saturated" and r.stats.late_lookups == 1
+    await asyncio.sleep(0.15)
+    assert r.slow_lookup.stats()["consecutive_failures"] == 0
+    assert r._recent_answer(chunk_hashes(LONG)) == {"e2": 512}
+
+
+async def test_a_hanging_controller_is_still_found_out_on_a_lagging_loop() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(), budget=0.05)
+    r.probe_timeout = 0.1
+    r.lag = lambda: 0.2
+    await r.route(req())
+    await asyncio.sleep(0.15)  # the late lookup timed out at probe_timeout
+    assert r.slow_lookup.stats()["consecutive_failures"] == 1
+
+
+async def test_at_rest_a_lookup_past_the_budget_is_the_controllers_fault() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 512}), delay=5), FakeTokenizer(), budget=0.05)
+    d = await r.route(req())
+    assert d.why == "lookup-timeout" and r.stats.late_lookups == 0
     assert r.slow_lookup.stats()["consecutive_failures"] == 1
 
 
