@@ -33,7 +33,13 @@ from typing import Any
 import httpx
 
 from sim.controller import ControllerConfig, create_app
-from sim.serving import add_server_args, bind_socket, make_server, socket_url
+from sim.serving import (
+    add_server_args,
+    bind_socket,
+    make_server,
+    socket_url,
+    write_port_file,
+)
 
 MODES = ("ok", "error", "hang", "garbage", "shapes", "hosts", "killed")
 HANG_S = 3.0
@@ -219,10 +225,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     sock: socket.socket = bind_socket(args.host, args.port)
     url = socket_url(sock)
-    if args.port_file is not None:
-        tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
-        tmp.write_text(url)
-        tmp.replace(args.port_file)
+    write_port_file(args.port_file, url)
     print(f"controller on {url}, front on {front.url}", flush=True)
     try:
         await make_server(app, args.log_level).serve(sockets=[sock])

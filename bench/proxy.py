@@ -38,6 +38,7 @@ from pathlib import Path
 
 import psutil
 
+from sim.cluster import stop_process
 from sim.proxy import command, route_info, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -619,13 +620,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.stdin.close()
         except OSError:
             pass
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, 10)
 
 
 def _standin(stack: ExitStack, kind: str, *args: str) -> tuple[psutil.Process, list[int]]:

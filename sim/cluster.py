@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -143,7 +143,7 @@ def run_module(
             url = _wait_ready(proc, port_file, ready_path, start_timeout_s)
             yield url
         finally:
-            _stop_process(proc)
+            stop_process(proc)
 
 
 def _wait_ready(
@@ -165,14 +165,15 @@ def _wait_ready(
     raise TimeoutError(f"{proc.args!r} did not become ready in {timeout_s} s")
 
 
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5) -> None:
+    """Terminate, then kill if it does not end within `timeout` s."""
     if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from sim.cluster import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "addon" / "kvcache.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
@@ -95,9 +97,4 @@ def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20,
             found.wait(0.05)
         yield proxy
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)

@@ -79,16 +79,20 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--log-level", default="warning")
 
 
+def write_port_file(path: Path | None, url: str) -> None:
+    """Tell a polling parent the URL; an atomic rename so it never reads half of it."""
+    if path is not None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(url)
+        tmp.replace(path)
+
+
 def serve_cli(factory: Callable[[str], ASGIApp], args: argparse.Namespace) -> None:
     """Bind, build the app with its base URL, announce the URL and serve until signalled."""
     sock = bind_socket(args.host, args.port)
     url = socket_url(sock)
     app = factory(url)
-    if args.port_file is not None:
-        tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
-        tmp.write_text(url)
-        # Atomic rename so a polling parent never reads a half-written URL.
-        tmp.replace(args.port_file)
+    write_port_file(args.port_file, url)
     print(f"serving on {url}", flush=True)
     try:
         make_server(app, args.log_level).run(sockets=[sock])
