@@ -198,6 +198,10 @@ class KVCacheConfig(_Section):
     # read for routing (why=too-large); prompts over tokenize_max_chars are not tokenized.
     route_max_body_bytes: Positive = 4 * 1024 * 1024
     tokenize_max_chars: Positive = 1024 * 1024
+    # While the proxy is saturated (its CPU busy >= 0.85, or its loop a budget behind), a
+    # controller answer this young for the same prompt prefix is reused instead of asking
+    # again (0: always ask).
+    lookup_reuse_ttl: Duration = 1.0
     # After failure_threshold lookups (or on-path tokenizations) in a row time out at the
     # routing budget, the request path skips them this long.
     slow_backoff: Duration = 1.0

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 # Failure kinds: the first two are connect failures (no byte reached the engine).
 CONNECT_KINDS = ("connect-refused", "connect-timeout")
 KINDS = (*CONNECT_KINDS, "reset", "http-5xx", "probe")
+TRIAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class _Endpoint:
     last_failure: float = float("-inf")
     failures: dict[str, int] = field(default_factory=dict)
     ejected_total: int = 0
+    # After an ejection ends the endpoint is on trial until it answers: one request at a
+    # time (a new one after TRIAL_S without an outcome), so a still-dead engine costs one
+    # failed request per re-admission, not every request routed before the refusal is seen.
+    on_trial: bool = False
+    trial_at: float = float("-inf")
 
 
 class Health:
@@ -73,10 +79,17 @@ class Health:
         """The endpoints a request may go to: the non-ejected ones, else the one most
         recently seen healthy."""
         now = self._clock()
-        up = [e for e in self.ids if self._eps[e].ejected_until <= now]
+        up = [e for e in self.ids if self._eps[e].ejected_until <= now
+              and not (self._eps[e].on_trial and now - self._eps[e].trial_at < TRIAL_S)]
         if up:
             return up
         return [max(self.ids, key=self._recency)]
+
+    def started(self, eid: str) -> None:
+        """A request was sent to the endpoint (its trial, if it is on trial)."""
+        ep = self._eps.get(eid)
+        if ep is not None and ep.on_trial:
+            ep.trial_at = self._clock()
 
     def _recency(self, eid: str) -> tuple[bool, float]:
         """Healthy most recently: an endpoint that answered after its last failure, the
@@ -96,6 +109,7 @@ class Health:
         ep.last_ok = now
         if ep.ejected_until <= now:
             ep.ejections = 0
+            ep.on_trial = False
 
     def probe_ok(self, eid: str) -> None:
         """An active health check passed: the endpoint is back now."""
@@ -116,7 +130,7 @@ class Health:
         ep.consecutive += 1
         if ep.ejected_until > now:
             return False  # already out
-        if kind in CONNECT_KINDS:
+        if kind in CONNECT_KINDS or ep.on_trial:  # a failed trial: out again at once
             return self._eject(ep, now)
         if ep.consecutive < self.settings.consecutive_failures:
             return False
@@ -133,6 +147,8 @@ class Health:
         s = self.settings
         ep.ejected_until = now + min(s.base_ejection * ep.ejections, s.max_ejection)
         ep.consecutive = 0
+        ep.on_trial = True
+        ep.trial_at = float("-inf")
         return True
 
     def ejection_seconds(self, eid: str) -> float:

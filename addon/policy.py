@@ -194,6 +194,7 @@ class EndpointState:
     def start(self, eid: str) -> None:
         self.inflight[eid] = self.inflight.get(eid, 0) + 1
         self.routed[eid] = self.routed.get(eid, 0) + 1
+        self.health.started(eid)
 
     def finish(self, eid: str) -> None:
         if self.inflight.get(eid, 0) > 0:

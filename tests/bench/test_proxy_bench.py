@@ -120,6 +120,6 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path) -> None:
 
     goals = _table(text, "Goals")
     verdicts = [cells[-1] for name, cells in goals.items() if name != "goal"]
-    assert len(verdicts) == 9 and all(v in ("PASS", "**FAIL**") for v in verdicts)
+    assert len(verdicts) == 10 and all(v in ("PASS", "**FAIL**") for v in verdicts)
     standins = _table(text, "Stand-ins measured directly")
     assert len(standins) == 1 + len(B.DIRECT_SERVES) + len(B.PROBES)

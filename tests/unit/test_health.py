@@ -96,3 +96,30 @@ def test_all_ejected_never_prefers_the_one_that_just_died() -> None:
     for e in IDS:
         h.failure(e, "connect-refused")
     assert h.candidates() == ["e1"]  # failing the longest ago, not the one that just died
+
+
+def test_after_an_ejection_one_trial_request_at_a_time_until_it_answers() -> None:
+    h, t = make(base_ejection=10)
+    h.failure("e1", "connect-refused")
+    t[0] += 10.5  # the ejection is over: e1 is on trial
+    assert "e1" in h.candidates()
+    h.started("e1")  # its trial request
+    assert "e1" not in h.candidates()  # no second request while the trial is out
+    t[0] += 0.5
+    h.failure("e1", "reset")  # the trial failed: out again at once, for longer
+    assert h.ejection_seconds("e1") == 20
+    t[0] += 20.5
+    h.started("e1")
+    t[0] += 0.1
+    h.success("e1")  # the trial answered: back in full
+    h.started("e1")
+    assert "e1" in h.candidates()
+
+
+def test_a_trial_without_an_outcome_lets_another_one_through_after_a_second() -> None:
+    h, t = make(base_ejection=10)
+    h.failure("e1", "connect-refused")
+    t[0] += 10.5
+    h.started("e1")
+    t[0] += 1.1
+    assert "e1" in h.candidates()
