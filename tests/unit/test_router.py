@@ -313,7 +313,7 @@ async def test_budget_eaten_by_the_proxy_is_proxy_saturated_not_a_slow_controlle
 
 async def test_a_lookup_late_on_a_lagging_loop_is_judged_by_its_outcome() -> None:
     # The loop is 200 ms behind: a lookup that misses the 50 ms budget runs on. Answered in
-    # 100 ms (less than the lag past the budget), the controller was fine: no backoff, and
+    # 100 ms (the lag and a little more), the controller was fine: no backoff, and
     # its answer is kept for the next request on that prefix.
     r = make(FakeLookup(LookupResult({"e2": 512}), delay=0.1), FakeTokenizer(), budget=0.05)
     r.lag = lambda: 0.2
@@ -352,3 +352,13 @@ async def test_a_saturated_proxy_reuses_a_recent_answer_for_the_prefix() -> None
     r.busy = lambda: 0.3  # at rest the controller is always asked
     await r.route(req("third"))
     assert len(lk.calls) == 2
+
+
+async def test_a_controller_as_slow_as_the_budget_is_slow_even_on_a_lagging_loop() -> None:
+    # 80 ms answers against a 50 ms budget: the loop's 20 ms lag does not excuse them.
+    r = make(FakeLookup(LookupResult({"e1": 512}), delay=0.08), FakeTokenizer(), budget=0.05)
+    r.lag = lambda: 0.02
+    d = await r.route(req())
+    assert d.why == "proxy-saturated" and r.stats.late_lookups == 1
+    await asyncio.sleep(0.1)
+    assert r.slow_lookup.stats()["consecutive_failures"] == 1
