@@ -330,19 +330,23 @@ class KVCache:
     # -- helpers ------------------------------------------------------------------------
 
     def _apply(self, flow: http.HTTPFlow, parts: Parts, d: Decision, ms: float) -> None:
-        ep = parts.cfg.endpoint(d.endpoint_id)
-        if ep is None:  # cannot happen: decisions only name configured endpoints
+        target = parts.targets.get(d.endpoint_id)
+        if target is None:  # cannot happen: decisions only name configured endpoints
             return
-        flow.request.scheme = ep.scheme
-        flow.request.host = ep.host
-        flow.request.port = ep.port
+        scheme, host, port = target
+        r = flow.request
+        # Each setter rewrites the Host header too: only what differs from the target.
+        if r.scheme != scheme:
+            r.scheme = scheme
+        if r.host != host or r.port != port:
+            r.host, r.port = host, port
         parts.router.started(flow.id, d)
-        self._flow_endpoint[flow.id] = ep.id
+        self._flow_endpoint[flow.id] = d.endpoint_id
         self._by_client[flow.client_conn.id] = flow
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
         flow.metadata["kvcache"] = meta
-        text = f"kvcache → {ep.id}: {d.reason}"
+        text = f"kvcache → {d.endpoint_id}: {d.reason}"
         if d.why:
             text += f" ({d.why})"
         if d.prompt_tokens:

@@ -40,6 +40,8 @@ class Parts:
     closers: list[Any] = field(default_factory=list)
     # endpoint (host, port) -> endpoint id, for the connection hooks
     by_address: dict[tuple[str, int], str] = field(default_factory=dict)
+    # endpoint id -> (scheme, host, port), parsed once (the request hook sets them per flow)
+    targets: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
     def close(self, tasks: set[asyncio.Task[None]]) -> None:
         """Stop the pool and close the clients (async ones as tasks kept in `tasks`)."""
@@ -111,4 +113,5 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
         failure_log=failure_log,
         closers=[lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else []),
         by_address={(ep.host, ep.port): ep.id for ep in cfg.endpoints},
+        targets={ep.id: (ep.scheme, ep.host, ep.port) for ep in cfg.endpoints},
     )
