@@ -2,12 +2,12 @@
 
 Why not httpx (used everywhere else in the addon) or aiohttp here: the request path makes one
 small POST per routed request inside a 50 ms budget on the same event loop as the proxy, so
-the client's own CPU is the proxy's throughput. Measured in one run with
-`python -m bench.http_clients` (docs/http-clients.md): this client costs a fraction of
-httpx.AsyncClient's CPU per request and less than aiohttp's; httpx spends it on request and
-response objects, its transport layers and anyio (and a failed `import sniffio` per request
-when sniffio is missing). The protocol subset the controller and vLLM need is small: a JSON
-POST, a status line, headers, and a Content-Length or chunked body.
+the client's own CPU is the proxy's throughput. `python -m bench.http_clients` (report in
+docs/http-clients.md) posts a 1k-token /lookup body to a microsecond stand-in: this client
+costs ~0.05 ms of CPU per request, aiohttp's ClientSession ~4-6x that and httpx's
+AsyncClient ~20-30x (request and response objects, transport layers, anyio). aiohttp would
+be the library to pick if this grew; the subset the controller and vLLM need is small: a
+JSON POST, a status line, headers, and a Content-Length or chunked body.
 
 Not thread-safe; one instance per event loop. Timeouts are the caller's (asyncio.timeout).
 """
