@@ -29,7 +29,7 @@ from mitmproxy import command, ctx, exceptions, http  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from addon.background import BackgroundPool, Job  # noqa: E402
-from addon.body import OFF_LOOP_BYTES, NotRoutable, needs_thread, routable_body  # noqa: E402
+from addon.body import NotRoutable, needs_thread, routable_body  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
 from addon.logs import ToLoop, relay_thread_logs, stop_relay  # noqa: E402
 from addon.looplag import LoopLag  # noqa: E402
@@ -44,7 +44,6 @@ from addon.vllm import AsyncHealthCheck  # noqa: E402
 logger = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-kvcache-route"
-LARGE_BODY = OFF_LOOP_BYTES
 
 
 class KVCache:
@@ -415,6 +414,7 @@ class KVCache:
             out["inflight"] = dict(self.state.inflight)
             out["routed"] = dict(self.state.routed)
             out["health"] = self.state.health.stats()
+            out["ejections_skipped_by_cap"] = self.state.health.ejections_skipped
         out["loop"] = {"lag_ms": round(self.lag() * 1000, 1),
                        "worst_lag_ms": round(self.lag.worst * 1000, 1),
                        "busy": round(self.lag.busy, 2)}

@@ -14,7 +14,9 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon import kvcache
+from addon.body import OFF_LOOP_BYTES
 from addon.lmcache import AsyncLMCache
+from addon.router import Decision
 from addon.vllm import AsyncTokenizer
 
 CONFIG = """
@@ -192,7 +194,7 @@ async def test_large_bodies_are_parsed_off_the_loop_and_routed(tmp_path: Path) -
         a.running()
         install(a, holder("vllm-instance-2", 512), httpx.MockTransport(tokens_ok))
         f = chat_flow(n_words=80_000)
-        assert len(f.request.raw_content) > kvcache.LARGE_BODY
+        assert len(f.request.raw_content) > OFF_LOOP_BYTES
         await a.request(f)
         assert f.metadata["kvcache"]["reason"] == "cache-hit"
         assert f.request.port == 8443
@@ -317,8 +319,8 @@ async def test_5xx_answers_eject_after_consecutive_failures(tmp_path: Path) -> N
             f = tflow.tflow()
             f.request = tutils.treq(method=b"GET", path=b"/health")
             f.request.host, f.request.port = "127.0.0.1", 8001
-            a._apply(f, a.parts, a.router.balance("x").__class__(  # type: ignore[union-attr]
-                "vllm-instance-1", "least_inflight"), 0.0)
+            assert a.parts is not None
+            a._apply(f, a.parts, Decision("vllm-instance-1", "least_inflight"), 0.0)
             f.response = tutils.tresp(status_code=503)
             a.response(f)
         assert a.state.healthy() == ["vllm-instance-2"]
