@@ -399,17 +399,13 @@ class Router:
         try:
             if probe:
                 result = await asyncio.shield(self._probe(tokens))
-            elif self.lag() > self.budget / 4:
-                # On a lagging loop, a task: it may outlive the budget and be judged by its
-                # outcome (route()). At rest a plain await is cheaper (~20 us a request).
+            else:
+                # A task, so that on a lagging loop it can outlive the budget (route()).
                 task = phase.lookup_task = asyncio.ensure_future(
                     self.lmcache.lookup(tokens, self.probe_timeout))
                 task.add_done_callback(
                     lambda t, t0=t0, chunks=chunks: self._late_done(t, t0, chunks))
                 result = await asyncio.shield(task)
-            else:
-                result = await self.lmcache.lookup(
-                    tokens, max(phase.lookup_given, 0.001) + GRACE)
         except Exception as e:
             why = describe_error(e)
             ms = (self.clock() - t0) * 1000
