@@ -135,6 +135,7 @@ class KVCache:
         if loop is not None:
             self._spawn(self.lag.run())
             self._log_relay = relay_thread_logs(loop)
+            self.parts.start_scraper(loop)
             if cfg.health_check_path:
                 self._spawn(self._health_checks(self.parts))
         ids = [ep.id for ep in cfg.endpoints]
@@ -420,6 +421,15 @@ class KVCache:
                        "busy": round(self.lag.busy, 2)}
         if self.pool is not None:
             out["background"] = asdict(self.pool.stats)
+        scraper = self.parts.scraper if self.parts is not None else None
+        if scraper is not None and self.router is not None:
+            st = scraper.stats
+            out["engine_metrics"] = {
+                "scrapes": st.scrapes, "failures": st.failures,
+                "cpu_ms_per_scrape": round(st.cpu_seconds * 1000 / max(st.scrapes, 1), 3),
+                "last": {e: (asdict(r) if r else None) for e, r in scraper.last.items()},
+                "foreign": {e: self.router.index.foreign(e) for e in scraper.urls},
+            }
         if self.manager is not None:
             out["manager"] = self.manager.stats_dict()
             out["breakers"] = {

@@ -14,6 +14,7 @@ from typing import Any
 
 from addon.background import BackgroundPool
 from addon.config import KVCacheConfig, policy_params
+from addon.engine_metrics import EngineReading, EngineScraper
 from addon.health import OutlierSettings
 from addon.lmcache import AsyncLMCache, LMCache
 from addon.manager import CacheManager, ManagerSettings
@@ -42,10 +43,36 @@ class Parts:
     by_address: dict[tuple[str, int], str] = field(default_factory=dict)
     # endpoint id -> (scheme, host, port), parsed once (the request hook sets them per flow)
     targets: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # Reads the engines' queues (not started: `start_scraper` needs the running loop).
+    scraper: EngineScraper | None = None
+
+    def start_scraper(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the engines' metrics; readings are applied on `loop` (the router
+        is touched only from the event loop)."""
+        if self.scraper is None:
+            return
+        router = self.router
+
+        def apply(eid: str, reading: EngineReading | None, seq: int) -> None:
+            if reading is None:
+                router.engine_lost(eid)
+            else:
+                router.engine_report(eid, reading.waiting, reading.running, seq)
+
+        def deliver(eid: str, reading: EngineReading | None, seq: int) -> None:
+            try:
+                loop.call_soon_threadsafe(apply, eid, reading, seq)
+            except RuntimeError:
+                pass  # the loop closed: mitmproxy is shutting down
+
+        self.scraper.deliver = deliver
+        self.scraper.start()
 
     def close(self, tasks: set[asyncio.Task[None]]) -> None:
         """Stop the pool and close the clients (async ones as tasks kept in `tasks`)."""
         self.pool.shutdown()
+        if self.scraper is not None:
+            self.scraper.stop()
         for c in self.closers:
             if hasattr(c, "aclose"):
                 try:
@@ -114,4 +141,9 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
         closers=[lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else []),
         by_address={(ep.host, ep.port): ep.id for ep in cfg.endpoints},
         targets={ep.id: (ep.scheme, ep.host, ep.port) for ep in cfg.endpoints},
+        scraper=EngineScraper(
+            {ep.id: ep.url for ep in cfg.endpoints}, cfg.engine_metrics_interval,
+            timeout=max(cfg.engine_metrics_interval, 1.0), mark=lambda: router.index.seq,
+            deliver=lambda eid, reading, seq: None, failure_log=failure_log,
+        ) if cfg.engine_metrics_interval > 0 else None,
     )

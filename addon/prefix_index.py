@@ -14,7 +14,11 @@ What the proxy can observe of a request, and so all this index is fed:
 - the first byte of a streamed (SSE) response body: vLLM writes nothing to the body before
   the first token, so prefill is over (`prefill_done`). A non-streamed response says nothing
   until it ends, and SSE headers arrive before prefill ends, so neither is used;
-- the end of the response, or an error (`remove`).
+- the end of the response, or an error (`remove`);
+- the engine's own queue, scraped from its `/metrics` every so often (`engine_report`): a
+  request no longer among the engine's waiting ones has started its prefill, streamed or
+  not, and what the engine runs or queues beyond the proxy's own requests is traffic that
+  bypassed this proxy.
 
 The chunk hash here is the proxy's own (blake2b over the token ids); it is only compared with
 itself, never with the controller's.
@@ -109,6 +113,16 @@ class _Tracked:
     endpoint: str
     hashes: tuple[int, ...]
     pending: int  # uncached prompt tokens still counted as prefill work
+    seq: int = 0  # send order over all endpoints (engine reports say which they saw)
+
+
+@dataclass
+class _Foreign:
+    """What an engine reported beyond the proxy's own requests (other gateways, batch jobs,
+    other proxy replicas): requests waiting for their prefill, and requests running."""
+
+    waiting: int = 0
+    running: int = 0
 
 
 class PrefixIndex:
@@ -141,6 +155,13 @@ class PrefixIndex:
         self._recent: dict[str, OrderedDict[int, None]] = {}
         self._pending: dict[str, int] = {}
         self._count: dict[str, int] = {}
+        # Per endpoint, its requests whose prefill is still counted, oldest first.
+        self._unprefilled: dict[str, OrderedDict[Hashable, None]] = {}
+        self._foreign: dict[str, _Foreign] = {}
+        self.seq = 0  # requests added so far: an engine report names the last one it saw
+        # Mean uncached tokens per routed request (exponentially weighted): the size guessed
+        # for a request the engine queues but the proxy did not send.
+        self.mean_uncached = 0.0
         self.dropped = 0  # requests forgotten at the max_tracked bound
 
     def __len__(self) -> int:
@@ -160,11 +181,15 @@ class PrefixIndex:
             self.dropped += 1
         if endpoint not in self._ids:
             self._ids.append(endpoint)
-        t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0))
+        self.seq += 1
+        t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0), self.seq)
         self._requests[rid] = t
         self._chunks.setdefault(endpoint, Counter()).update(t.hashes)
         self._pending[endpoint] = self._pending.get(endpoint, 0) + t.pending
         self._count[endpoint] = self._count.get(endpoint, 0) + 1
+        if t.pending:
+            self._unprefilled.setdefault(endpoint, OrderedDict())[rid] = None
+        self.mean_uncached += 0.05 * (t.pending - self.mean_uncached)
 
     def prefill_done(self, rid: Hashable) -> None:
         """The first byte of the response body arrived: the endpoint has prefilled it."""
@@ -173,6 +198,7 @@ class PrefixIndex:
             return
         self._pending[t.endpoint] -= t.pending
         t.pending = 0
+        self._unprefilled[t.endpoint].pop(rid, None)
 
     def remove(self, rid: Hashable, remember: bool = True) -> str | None:
         """The request ended (answered or failed); its endpoint, if it was tracked."""
@@ -183,6 +209,8 @@ class PrefixIndex:
         release(self._chunks[e], t.hashes)
         self._pending[e] -= t.pending
         self._count[e] -= 1
+        if t.pending:
+            self._unprefilled[e].pop(rid, None)
         if remember and self.recent_chunks and t.hashes:
             recent = self._recent.setdefault(e, OrderedDict())
             # Deepest first, so the prefix ends up most recent and trimming takes the tails
@@ -193,6 +221,42 @@ class PrefixIndex:
             while len(recent) > self.recent_chunks:
                 recent.popitem(last=False)
         return e
+
+    def engine_report(self, endpoint: str, waiting: int, running: int, seq: int) -> None:
+        """The engine said it had `waiting` requests not yet started and `running` started
+        ones, when the proxy had sent its requests up to number `seq`.
+
+        The engine starts requests in arrival order, so of the proxy's requests it had
+        received and not finished, at most the `waiting` newest can still be waiting: the
+        older ones have started their prefill (which tells the proxy what a non-streamed
+        response cannot). Waiting or running requests beyond the proxy's own are foreign
+        traffic, counted as load until the next report. Requests sent after `seq` are not in
+        the report and keep their own estimate.
+        """
+        seen: list[Hashable] = []
+        for rid in self._unprefilled.get(endpoint, ()):
+            if self._requests[rid].seq > seq:
+                break
+            seen.append(rid)
+        queued = min(max(waiting, 0), len(seen))
+        for rid in seen[: len(seen) - queued]:
+            self.prefill_done(rid)
+        # The proxy's requests the engine counts as running: those sent before the report
+        # and not still queued (finished ones are gone from both sides, give or take a
+        # request finishing between the scrape and now).
+        newer = 0  # the proxy's requests sent after the report (the newest, so a short walk)
+        for t in reversed(self._requests.values()):
+            if t.seq <= seq:
+                break
+            newer += t.endpoint == endpoint
+        mine_running = self._count.get(endpoint, 0) - newer - queued
+        self._foreign[endpoint] = _Foreign(
+            waiting=max(waiting - len(seen), 0), running=max(running - mine_running, 0))
+
+    def engine_lost(self, endpoint: str) -> None:
+        """No current report for `endpoint`: forget its foreign traffic (the proxy's own
+        view alone is in charge again)."""
+        self._foreign.pop(endpoint, None)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -219,15 +283,32 @@ class PrefixIndex:
 
     def load(self) -> dict[str, int]:
         """Endpoint -> estimated queued work in prompt tokens."""
-        return {
-            e: int(self.prefill_share * self._pending.get(e, 0))
-            + self.request_tokens * self._count.get(e, 0)
-            for e in self._ids
-        }
+        if not self._foreign:
+            return {
+                e: int(self.prefill_share * self._pending.get(e, 0))
+                + self.request_tokens * self._count.get(e, 0)
+                for e in self._ids
+            }
+        prefill = self.prefill_load()
+        out: dict[str, int] = {}
+        for e in self._ids:
+            f = self._foreign.get(e)
+            n = self._count.get(e, 0) + (f.waiting + f.running if f else 0)
+            out[e] = prefill[e] + self.request_tokens * n
+        return out
 
     def prefill_load(self) -> dict[str, int]:
         """Endpoint -> estimated queued prefill in prompt tokens (no per-request term)."""
-        return {e: int(self.prefill_share * self._pending.get(e, 0)) for e in self._ids}
+        out = {e: int(self.prefill_share * self._pending.get(e, 0)) for e in self._ids}
+        for e, f in self._foreign.items():
+            if f.waiting and e in out:
+                out[e] += int(self.prefill_share * f.waiting * self.mean_uncached)
+        return out
+
+    def foreign(self, endpoint: str) -> tuple[int, int]:
+        """(waiting, running) requests the engine last reported beyond the proxy's own."""
+        f = self._foreign.get(endpoint)
+        return (f.waiting, f.running) if f else (0, 0)
 
     def inflight(self, endpoint: str) -> int:
         return self._count.get(endpoint, 0)

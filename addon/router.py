@@ -215,6 +215,15 @@ class Router:
         """The first byte of a streamed response body: the endpoint's prefill is over."""
         self.index.prefill_done(rid)
 
+    def engine_report(self, endpoint_id: str, waiting: int, running: int, seq: int) -> None:
+        """An engine's own queue, scraped from its metrics when the proxy had sent its
+        requests up to number `seq` (`PrefixIndex.engine_report`)."""
+        self.index.engine_report(endpoint_id, waiting, running, seq)
+
+    def engine_lost(self, endpoint_id: str) -> None:
+        """The engine's metrics could not be read: the proxy's own view alone counts."""
+        self.index.engine_lost(endpoint_id)
+
     def finished(self, rid: Hashable, endpoint_id: str) -> None:
         """The response ended or failed."""
         self.state.finish(endpoint_id)

@@ -38,7 +38,7 @@ from sim.chunks import CHUNK_SIZE, chunk_hashes
 from sim.engine_model import DEFAULT_CAPACITY_TOKENS, CostModel, EngineModel, RequestPlan
 
 # Event kinds; the int order never matters (ties are broken by insertion order).
-_ARRIVE, _PREFILL_DONE, _FINISH = 0, 1, 2
+_ARRIVE, _PREFILL_DONE, _FINISH, _SCRAPE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +64,14 @@ class SimConfig:
     max_batch: int = 32
     staleness_s: float = 0.0
     controller_down: bool = False
+    # Engine metrics (vLLM's num_requests_waiting / running) are read every this many
+    # seconds, by every policy that reads them (llm-d, ours): between reads they see the last
+    # one. 0 reads them live at routing time.
+    scrape_interval_s: float = 0.1
+    # Share of the requests sent straight to the engines (another gateway, a batch job):
+    # spread at random, invisible to the policy except through engine metrics; the metrics
+    # are over the policy's own requests.
+    bypass_share: float = 0.0
 
     def engine_ids(self) -> list[str]:
         return [f"e{i}" for i in range(self.n_engines)]
@@ -183,7 +191,15 @@ class SimEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """vLLM's ``num_requests_waiting``: requests not yet scheduled. vLLM schedules a
+        request when its prefill starts (chunked prefill runs it over several steps from
+        then on), so those holding a slot but still queued for the prefill unit wait too."""
+        return len(self.waiting) + len(self.prefill_queue)
+
+    @property
+    def num_running(self) -> int:
+        """vLLM's ``num_requests_running``: prefilling or decoding."""
+        return self.slots_used - len(self.prefill_queue)
 
     def kv_usage(self) -> float:
         cap = self.model.cache.capacity_tokens
@@ -199,6 +215,16 @@ class Policy(Protocol):
     def on_first_token(self, req: SimRequest, eid: str, sim: Simulation) -> None: ...
 
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineReading:
+    """One scrape of an engine's metrics."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    at: float
 
 
 class Simulation:
@@ -241,6 +267,21 @@ class Simulation:
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
         self.reason: str = ""  # a policy may set why it picked an engine (kept per request)
+        # The last scrape of each engine's metrics (see SimConfig.scrape_interval_s).
+        self.readings: dict[str, EngineReading] = {}
+        # Requests that bypass the policy: their own seeded draw, so the policy's random
+        # choices and the arrivals are those of the run without bypass.
+        brng = random.Random(seed * 7919 + 17)
+        self.bypass = [brng.random() < cfg.bypass_share for _ in self.requests]
+        self._brng = brng
+
+    def reading(self, eid: str) -> EngineReading:
+        """An engine's metrics as a policy reading them sees them: the last scrape, or the
+        live values when scraping is off."""
+        if self.cfg.scrape_interval_s <= 0 or eid not in self.readings:
+            e = self.engines[eid]
+            return EngineReading(e.num_waiting, e.num_running, e.kv_usage(), self.now)
+        return self.readings[eid]
 
     def _push(self, t: float, kind: int, idx: int) -> None:
         self._seq += 1
@@ -249,6 +290,8 @@ class Simulation:
     def run(self) -> list[RequestRecord]:
         for r, t in zip(self.requests, self.times, strict=True):
             self._push(t, _ARRIVE, r.idx)
+        if self.cfg.scrape_interval_s > 0:
+            self._push(0.0, _SCRAPE, -1)
         heap = self._heap
         while heap:
             t, _, kind, idx = heapq.heappop(heap)
@@ -257,13 +300,25 @@ class Simulation:
                 self._arrive(idx)
             elif kind == _PREFILL_DONE:
                 self._prefill_done(idx)
-            else:
+            elif kind == _FINISH:
                 self._finish(idx)
+            else:
+                self._scrape()
         if not all(self._done):
             raise RuntimeError("simulation ended with unfinished requests")
         return self.records
 
     # --- events -------------------------------------------------------------------------
+
+    def _scrape(self) -> None:
+        for eid, e in self.engines.items():
+            self.readings[eid] = EngineReading(e.num_waiting, e.num_running, e.kv_usage(),
+                                               self.now)
+        on_scrape = getattr(self.policy, "on_scrape", None)
+        if on_scrape is not None:
+            on_scrape(self)
+        if self._heap:  # the run goes on: scrape again
+            self._push(self.now + self.cfg.scrape_interval_s, _SCRAPE, -1)
 
     def _arrive(self, idx: int) -> None:
         req = self.requests[idx]
@@ -275,12 +330,17 @@ class Simulation:
         rec.prompt_tokens = len(req.prompt)
         rec.output_tokens = req.output_tokens
         self.reason = ""
-        eid = self.policy.route(req, self)
+        if self.bypass[idx]:
+            eid = self._brng.choice(self.engine_ids)
+            self.reason = "bypass"
+        else:
+            eid = self.policy.route(req, self)
         if eid not in self.engines:
             raise ValueError(f"policy {self.policy.name} picked unknown engine {eid!r}")
         rec.engine = eid
         rec.reason = self.reason
-        self.inflight[eid] += 1
+        if not self.bypass[idx]:
+            self.inflight[eid] += 1
         eng = self.engines[eid]
         if eng.pending_blocks is not None:
             eng.pending_blocks.update(req.prompt.blocks)
@@ -321,7 +381,8 @@ class Simulation:
         plan = self._plans[idx]
         rec.first_token = self.now
         self.controller.report(self.now, eng.eid, plan.admitted_chunks, plan.evicted_chunks)
-        self.policy.on_first_token(self.requests[idx], eng.eid, self)
+        if not self.bypass[idx]:
+            self.policy.on_first_token(self.requests[idx], eng.eid, self)
         if self.cost.serial_prefill:
             eng.prefilling = None
             if eng.prefill_queue:
@@ -334,11 +395,12 @@ class Simulation:
         plan = self._plans.pop(idx)
         rec.end = self.now
         self._done[idx] = True
-        self.inflight[eng.eid] -= 1
         eng.slots_used -= 1
         eng.running_kv_tokens -= plan.prompt_tokens + plan.output_tokens
         del eng.release_at[idx]
-        self.policy.on_finish(self.requests[idx], eng.eid, self)
+        if not self.bypass[idx]:
+            self.inflight[eng.eid] -= 1
+            self.policy.on_finish(self.requests[idx], eng.eid, self)
         if eng.waiting:
             eng.slots_used += 1
             self._got_slot(eng, eng.waiting.popleft())
@@ -409,7 +471,8 @@ def run_once(
 ) -> tuple[Metrics, list[RequestRecord]]:
     sim = Simulation(requests, times, policy, cfg, seed)
     records = sim.run()
-    return summarize(records, sim.engine_ids), records
+    own = [r for r, b in zip(records, sim.bypass, strict=True) if not b]
+    return summarize(own, sim.engine_ids), records
 
 
 def check_engine_path(block_size: int = 64, n: int = 40, seed: int = 3) -> None:

@@ -6,7 +6,8 @@ Each policy sees what its real counterpart sees:
 - the proxy's in-flight count per engine (``sim.inflight``), which every router keeps;
 - the LMCache controller's lookup (``sim.controller``) for routers that ask a KV index
   (ours, production-stack kvaware, llm-d precise, Dynamo, the seed);
-- engine metrics (``SimEngine.num_waiting``, ``kv_usage()``) for llm-d, read without scrape lag;
+- engine metrics (vLLM's ``num_requests_waiting`` / ``running``, KV usage) for llm-d and
+  ours, read as of the last scrape (``SimConfig.scrape_interval_s``, the same for both);
 - its own history only, for the approximate routers (SGLang, prefixaware);
 - everything, exactly, for the oracle.
 
@@ -319,7 +320,7 @@ class LlmD(BasePolicy):
       the controller view, 256-token blocks);
     - kv-utilization = 1 - KV usage (vLLM's metric: blocks of running requests / capacity);
     - queue = (maxQ - q) / (maxQ - minQ) over the engines' waiting queues, 1 if all equal.
-    Engine metrics are read exactly at routing time (llm-d scrapes them every few tens of ms).
+    Engine metrics are those of the last scrape (``Simulation.reading``).
     """
 
     name = "llm-d"
@@ -331,12 +332,13 @@ class LlmD(BasePolicy):
         ids = sim.engine_ids
         total = len(req.prompt.chunks)
         matches = sim.controller.lookup_chunks(req.prompt.chunks, sim.now) if total else {}
-        queues = {e: sim.engines[e].num_waiting for e in ids}
+        readings = {e: sim.reading(e) for e in ids}
+        queues = {e: readings[e].waiting for e in ids}
         qmax, qmin = max(queues.values()), min(queues.values())
         scores: dict[str, float] = {}
         for e in ids:
             prefix = matches.get(e, 0) / CHUNK_SIZE / total if total else 0.0
-            kv = 1.0 - sim.engines[e].kv_usage()
+            kv = 1.0 - readings[e].kv_usage
             queue = 1.0 if qmax == qmin else (qmax - queues[e]) / (qmax - qmin)
             scores[e] = self.w_prefix * prefix + self.w_kv * kv + self.w_queue * queue
         return _argmin_random(ids, lambda e: -scores[e], sim)
@@ -541,8 +543,10 @@ class Ours(BasePolicy):
     - route: ``Router.route`` on an ``LLMRequest`` carrying the prompt's token ids (the
       client-sent-ids path: no tokenizer), then ``Router.started`` as ``kvcache._apply`` does;
     - first token: ``Router.first_byte``, which the addon calls on the first body byte of an
-      SSE response (vLLM writes it after the prefill); with ``streaming=False`` (clients that
-      do not stream) the addon sees nothing until the end, and neither does this adapter;
+      SSE response (vLLM writes it after the prefill); ``stream_share`` is the share of
+      clients that stream (0: none; the addon sees nothing of the others until the end);
+    - engine metrics: ``Router.engine_report`` with each scrape (``engine_metrics=True``, as
+      the addon's scraper does every ``engine_metrics_interval``);
     - finish: ``Router.finished``, as the response/error hooks do.
 
     The lookup is the simulated controller, down or stale per the run's config; the
@@ -554,11 +558,13 @@ class Ours(BasePolicy):
         self,
         name: str = "ours",
         params: addon_policy.PolicyParams | None = None,
-        streaming: bool = True,
+        stream_share: float = 1.0,
+        engine_metrics: bool = True,
     ) -> None:
         self.name = name
         self.params = params if params is not None else addon_policy.PolicyParams()
-        self.streaming = streaming
+        self.stream_share = stream_share
+        self.engine_metrics = engine_metrics
         self.router: Router | None = None
         self._controller: _SimController | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -590,9 +596,22 @@ class Ours(BasePolicy):
         sim.reason = d.reason
         return d.endpoint_id
 
+    def streams(self, req: SimRequest) -> bool:
+        # Spread evenly over the requests (every other one at 0.5), not drawn at random.
+        s = self.stream_share
+        return s >= 1 or int((req.idx + 1) * s) > int(req.idx * s)
+
     def on_first_token(self, req: SimRequest, eid: str, sim: Simulation) -> None:
-        if self.streaming and self.router is not None:
+        if self.router is not None and self.streams(req):
             self.router.first_byte(req.idx)
+
+    def on_scrape(self, sim: Simulation) -> None:
+        if self.router is None or not self.engine_metrics:
+            return
+        seq = self.router.index.seq  # every request routed so far has reached its engine
+        for eid in sim.engine_ids:
+            r = sim.readings[eid]
+            self.router.engine_report(eid, r.waiting, r.running, seq)
 
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None:
         if self.router is not None:
@@ -623,7 +642,10 @@ def policy_factories() -> dict[str, PolicyFactory]:
     """Every policy by name: ours (addon defaults), the addon's other modes the installed
     ``PolicyParams`` can express, the bench-local candidate, the peers and the oracle."""
     out: dict[str, PolicyFactory] = {"ours": Ours}
-    out["ours[no-stream]"] = lambda: Ours("ours[no-stream]", streaming=False)
+    out["ours[no-stream]"] = lambda: Ours("ours[no-stream]", stream_share=0.0)
+    out["ours[half-stream]"] = lambda: Ours("ours[half-stream]", stream_share=0.5)
+    out["ours[no-stream,no-metrics]"] = lambda: Ours(
+        "ours[no-stream,no-metrics]", stream_share=0.0, engine_metrics=False)
     # The addon before the prefix index: load in requests, controller matches only.
     old = params_with(load_unit="requests", track_inflight=False, recent_tokens=0)
     if old is not None:

@@ -407,15 +407,21 @@ class EngineRuntime:
         slots, prefill = self._primitives()
         loop = asyncio.get_running_loop()
         arrival = loop.time()
+        # As vLLM counts them: waiting until the prefill starts (vLLM schedules a request
+        # when its first prefill chunk runs), running from then on.
         self.waiting += 1
+        started = False
         try:
             await slots.acquire()
-        finally:
+        except BaseException:
             self.waiting -= 1
-        self.running += 1
+            raise
         try:
             lock = prefill if self.cfg.cost.serial_prefill else contextlib.nullcontext()
             async with lock:
+                self.waiting -= 1
+                self.running += 1
+                started = True
                 queued = loop.time() - arrival
                 plan = self.model.begin(tokens, n_out, self.running)
                 # Evictions happen when the new blocks are allocated, admissions once the
@@ -442,7 +448,10 @@ class EngineRuntime:
                 self.metrics.generation_tokens.inc()
                 yield plan, i
         finally:
-            self.running -= 1
+            if started:
+                self.running -= 1
+            else:
+                self.waiting -= 1
             slots.release()
 
     def clear(self) -> int:

@@ -260,7 +260,7 @@ def test_ours_is_the_addons_router_with_the_hooks_inputs(
 
 
 def test_no_stream_clients_leave_prefill_pending_until_the_end() -> None:
-    pol = P.Ours("ours[no-stream]", streaming=False)
+    pol = P.Ours("ours[no-stream,no-metrics]", stream_share=0.0, engine_metrics=False)
     sim = bare_sim(pol)
     p = prompt(1500)
     pol.route(SimRequest(0, p, 5), sim)

@@ -359,3 +359,44 @@ async def test_a_flow_routed_to_an_endpoint_ejected_before_connecting_is_moved(
         assert a.state.inflight[first] == 0 and a.state.inflight[other] == 1
         assert a.router.stats.rerouted == 1
         a.done()
+
+
+async def test_engine_metrics_show_traffic_that_bypassed_the_proxy(tmp_path: Path) -> None:
+    # A vLLM stand-in (sim.engine_server, real HTTP) busy with requests sent straight to it:
+    # the addon's scraper reads its queue and the router counts it as foreign load.
+    import asyncio
+    import threading
+
+    from sim.cluster import start_engine
+    from sim.engine_model import CostModel
+    from sim.engine_server import EngineConfig
+
+    with start_engine(EngineConfig(time_scale=1.0, cost=CostModel(max_batch=8))) as url:
+        cfg = (f"lmcache_endpoint: http://controller.test:9000\n"
+               f"engine_metrics_interval: 50ms\n"
+               f"endpoints:\n  - {{id: busy, url: \"{url}\"}}\n"
+               f"  - {{id: idle, url: \"http://127.0.0.1:9\"}}\n")
+        threads = [threading.Thread(target=lambda i=i: httpx.post(
+            f"{url}/v1/completions", json={"prompt": [i + 1] * 3000, "max_tokens": 4},
+            timeout=10)) for i in range(3)]
+        for t in threads:
+            t.start()
+        a = kvcache.KVCache()
+        with taddons.context(a) as tctx:
+            tctx.configure(a, kvcache_config=write(tmp_path, cfg))
+            a.running()
+            assert a.router is not None
+            for _ in range(200):
+                if a.router.index.foreign("busy")[0] >= 1:
+                    break
+                await asyncio.sleep(0.01)
+            waiting, running = a.router.index.foreign("busy")
+            assert waiting >= 1 and running == 1
+            load = a.router.load_tokens()
+            assert load is not None and load["busy"] > load["idle"] == 0
+            stats = json.loads(tctx.command(a.stats))["engine_metrics"]
+            assert stats["scrapes"] >= 2 and stats["failures"] >= 1  # port 9: nothing there
+            assert stats["last"]["idle"] is None and stats["last"]["busy"]["running"] == 1
+            a.done()
+        for t in threads:
+            t.join()

