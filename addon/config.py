@@ -206,7 +206,7 @@ class KVCacheConfig(_Section):
     # a background thread, and merge it with what the proxy itself sent (0: off, the
     # proxy's own view alone). Tells when a non-streamed request's prefill started, and
     # counts traffic that did not pass through this proxy.
-    engine_metrics_interval: Duration = 0.1
+    engine_metrics_interval: Duration = 0.05
     # After failure_threshold lookups (or on-path tokenizations) in a row time out at the
     # routing budget, the request path skips them this long.
     slow_backoff: Duration = 1.0

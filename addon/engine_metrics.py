@@ -11,13 +11,13 @@ that fails or is late leaves the proxy's own view in charge (counted, logged onc
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-import httpx
+from urllib.parse import urlsplit
 
 from addon.resilience import RateLimitedLog
 
@@ -77,6 +77,48 @@ class ScrapeStats:
     cpu_seconds: float = 0.0  # this thread's CPU time spent scraping (fetch + parse)
 
 
+class _Fetcher:
+    """GET one URL over a kept-alive connection.
+
+    `http.client` rather than httpx: a scrape of vLLM's 55 KB page costs ~0.4 ms of CPU
+    with it against ~1 ms with httpx (measured here), and this runs several times a second
+    per endpoint for the proxy's whole life.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def get(self) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            if self._conn is None:
+                cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+                self._conn = cls(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request("GET", self.path, headers={"Accept": "text/plain"})
+                r = self._conn.getresponse()
+                return r.status, r.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # The server closed an idle kept-alive connection: one fresh try.
+                self.close()
+                if attempt:
+                    raise
+            except Exception:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class EngineScraper:
     """A daemon thread that reads every endpoint's `/metrics` every `interval` seconds.
 
@@ -104,6 +146,7 @@ class EngineScraper:
         self.failure_log = failure_log or RateLimitedLog()
         self.stats = ScrapeStats()
         self.last: dict[str, EngineReading | None] = {}
+        self._fetchers = {eid: _Fetcher(url, timeout) for eid, url in self.urls.items()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -120,8 +163,8 @@ class EngineScraper:
             self._thread.join(timeout=self.timeout + 1)
         self._thread = None
 
-    def scrape_once(self, client: httpx.Client) -> None:
-        for eid, url in self.urls.items():
+    def scrape_once(self) -> None:
+        for eid, fetcher in self._fetchers.items():
             if self._stop.is_set():
                 return
             t0 = time.thread_time()
@@ -129,13 +172,13 @@ class EngineScraper:
             reading: EngineReading | None = None
             why = ""
             try:
-                r = client.get(url)
-                if r.status_code == 200:
-                    reading = parse(r.content)
+                status, body = fetcher.get()
+                if status == 200:
+                    reading = parse(body)
                     why = "" if reading is not None else "no vLLM queue gauges"
                 else:
-                    why = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
+                    why = f"HTTP {status}"
+            except Exception as e:  # refused, timed out, TLS, malformed: all "no reading"
                 why = type(e).__name__
             self.stats.scrapes += 1
             self.stats.cpu_seconds += time.thread_time() - t0
@@ -144,17 +187,20 @@ class EngineScraper:
                 log_now, n = self.failure_log.should_log(f"metrics:{eid}")
                 if log_now:
                     more = f" ({n} more since the last report)" if n else ""
-                    logger.warning(f"[kvcache] reading {url} failed ({why}); routing on the "
-                                   f"proxy's own view of {eid}'s load{more}")
+                    logger.warning(f"[kvcache] reading {self.urls[eid]} failed ({why}); "
+                                   f"routing on the proxy's own view of {eid}'s load{more}")
             self.last[eid] = reading
             self.deliver(eid, reading, seq)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout, trust_env=False) as client:
+        try:
             while not self._stop.is_set():
                 t0 = time.monotonic()
                 try:
-                    self.scrape_once(client)
+                    self.scrape_once()
                 except Exception:  # never let the thread die: the next round may work
                     logger.debug("[kvcache] metrics scrape round failed", exc_info=True)
                 self._stop.wait(max(self.interval - (time.monotonic() - t0), 0.0))
+        finally:
+            for f in self._fetchers.values():
+                f.close()

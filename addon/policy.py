@@ -153,6 +153,7 @@ def choose(
         queued = prefill_tokens if prefill_tokens is not None else load
         congestion += weight * min(queued.get(e, 0) for e in candidates) / p.congestion_tokens
     best: tuple[float, int, int, int] | None = None
+    best_holder_rank: tuple[float, int, int, int] | None = None
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
         credited = max(matched, int(p.hot_copy_credit * top)) if spread else matched
@@ -160,10 +161,23 @@ def choose(
         rank = (congestion * (prompt - credited) + weight * busy, -matched, busy, i)
         if best is None or rank < best:
             best = rank
-    assert best is not None
+        if matched > 0 and (best_holder_rank is None or rank < best_holder_rank):
+            best_holder_rank = rank
+    assert best is not None and best_holder_rank is not None
     winner, matched = candidates[best[3]], -best[1]
     if matched > 0:
         return Choice(winner, "cache-hit", matched)
+    # Leaving every holder recomputes the prefix: that pays only if the holder's queued
+    # prefill (what delays a new request's start; decoding requests hardly do) exceeds the
+    # target's by more than the recompute. The per-request term alone (decode slots, ties)
+    # never justifies it, so at light load a request stays with its holder.
+    holder_id, held = candidates[best_holder_rank[3]], -best_holder_rank[1]
+    queued = prefill_tokens if prefill_tokens is not None else load
+    credit = min(int(p.hot_copy_credit * top), held) if spread else 0
+    saved = weight * (queued.get(holder_id, 0) - queued.get(winner, 0)) - congestion * (
+        held - credit)
+    if saved <= 0:
+        return Choice(holder_id, "cache-hit", held)
     return Choice(winner, "hot-spread" if spread else "cache-spill")
 
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 import math
 import struct
 import sys
+import time
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import TypeVar
@@ -114,15 +115,28 @@ class _Tracked:
     hashes: tuple[int, ...]
     pending: int  # uncached prompt tokens still counted as prefill work
     seq: int = 0  # send order over all endpoints (engine reports say which they saw)
+    # The proxy will see its prefill end itself (a streamed response's first byte): engine
+    # reports, which tell only that a prefill started, leave it alone.
+    watched: bool = False
+    sent: float = 0.0  # when it was routed, on the index's clock
+    started: bool = False  # its prefill is known to have started
+    prefill_end: float = 0.0  # estimated end of a prefill a report saw start (0: none)
 
 
 @dataclass
-class _Foreign:
-    """What an engine reported beyond the proxy's own requests (other gateways, batch jobs,
-    other proxy replicas): requests waiting for their prefill, and requests running."""
+class _EngineView:
+    """The last report of an engine's own queue, and what followed from it."""
 
+    at: float  # when it was reported
+    # Waiting and running requests beyond the proxy's own (other gateways, batch jobs,
+    # other proxy replicas).
     waiting: int = 0
     running: int = 0
+    queue: bool = False  # it had requests waiting: its start rate can be learned
+    # Uncached tokens per second whose prefill the engine starts while it has a queue,
+    # learned from reports (0: not known yet); the proxy's started-tokens count at `at`.
+    rate: float = 0.0
+    starts: int = 0
 
 
 class PrefixIndex:
@@ -142,6 +156,7 @@ class PrefixIndex:
         request_tokens: int = 64,
         recent_tokens: int = 0,
         max_tracked: int = MAX_TRACKED_REQUESTS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if prefill_share < 0 or request_tokens < 0 or recent_tokens < 0 or max_tracked < 1:
             raise ValueError("prefix index knobs must not be negative")
@@ -157,7 +172,12 @@ class PrefixIndex:
         self._count: dict[str, int] = {}
         # Per endpoint, its requests whose prefill is still counted, oldest first.
         self._unprefilled: dict[str, OrderedDict[Hashable, None]] = {}
-        self._foreign: dict[str, _Foreign] = {}
+        self._views: dict[str, _EngineView] = {}
+        # Per endpoint: uncached tokens of requests known to have started, ever; and the
+        # request a report saw start whose prefill is still estimated to run (at most one).
+        self._starts: dict[str, int] = {}
+        self._running: dict[str, OrderedDict[Hashable, None]] = {}
+        self.clock = clock
         self.seq = 0  # requests added so far: an engine report names the last one it saw
         # Mean uncached tokens per routed request (exponentially weighted): the size guessed
         # for a request the engine queues but the proxy did not send.
@@ -170,7 +190,8 @@ class PrefixIndex:
     # -- events --------------------------------------------------------------------------
 
     def add(
-        self, rid: Hashable, endpoint: str, hashes: Sequence[int], uncached_tokens: int
+        self, rid: Hashable, endpoint: str, hashes: Sequence[int], uncached_tokens: int,
+        watched: bool = False,
     ) -> None:
         """A request was routed to `endpoint`."""
         if rid in self._requests:
@@ -182,7 +203,8 @@ class PrefixIndex:
         if endpoint not in self._ids:
             self._ids.append(endpoint)
         self.seq += 1
-        t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0), self.seq)
+        t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0), self.seq, watched,
+                     self.clock() if self._views else 0.0)
         self._requests[rid] = t
         self._chunks.setdefault(endpoint, Counter()).update(t.hashes)
         self._pending[endpoint] = self._pending.get(endpoint, 0) + t.pending
@@ -196,9 +218,17 @@ class PrefixIndex:
         t = self._requests.get(rid)
         if t is None or not t.pending:
             return
+        self._started_now(t)
         self._pending[t.endpoint] -= t.pending
         t.pending = 0
         self._unprefilled[t.endpoint].pop(rid, None)
+        if t.prefill_end:
+            self._running[t.endpoint].pop(rid, None)
+
+    def _started_now(self, t: _Tracked) -> None:
+        if not t.started:
+            t.started = True
+            self._starts[t.endpoint] = self._starts.get(t.endpoint, 0) + t.pending
 
     def remove(self, rid: Hashable, remember: bool = True) -> str | None:
         """The request ended (answered or failed); its endpoint, if it was tracked."""
@@ -210,7 +240,10 @@ class PrefixIndex:
         self._pending[e] -= t.pending
         self._count[e] -= 1
         if t.pending:
+            self._started_now(t)
             self._unprefilled[e].pop(rid, None)
+            if t.prefill_end:
+                self._running[e].pop(rid, None)
         if remember and self.recent_chunks and t.hashes:
             recent = self._recent.setdefault(e, OrderedDict())
             # Deepest first, so the prefix ends up most recent and trimming takes the tails
@@ -228,19 +261,47 @@ class PrefixIndex:
 
         The engine starts requests in arrival order, so of the proxy's requests it had
         received and not finished, at most the `waiting` newest can still be waiting: the
-        older ones have started their prefill (which tells the proxy what a non-streamed
-        response cannot). Waiting or running requests beyond the proxy's own are foreign
-        traffic, counted as load until the next report. Requests sent after `seq` are not in
-        the report and keep their own estimate.
+        older ones have started their prefill, which tells the proxy what a non-streamed
+        response cannot. Prefills run one after another in that order (vLLM gives its
+        per-step token budget to the oldest first), so of the started ones only the newest
+        can still be prefilling: it counts for what is left of it at the rate the engine was
+        seen to start uncached tokens while it had a queue (until a rate is known, and once
+        the engine is idle, as over). Waiting or running requests beyond the proxy's own are
+        foreign traffic, counted as load until the next report. Requests sent after `seq`
+        are not in the report and keep their own estimate.
         """
+        now = self.clock()
         seen: list[Hashable] = []
         for rid in self._unprefilled.get(endpoint, ()):
             if self._requests[rid].seq > seq:
                 break
             seen.append(rid)
         queued = min(max(waiting, 0), len(seen))
-        for rid in seen[: len(seen) - queued]:
-            self.prefill_done(rid)
+        started = seen[: len(seen) - queued]
+        prev = self._views.get(endpoint)
+        newly = [rid for rid in started if not self._requests[rid].started]
+        for rid in newly:
+            self._started_now(self._requests[rid])
+        starts = self._starts.get(endpoint, 0)
+        rate = prev.rate if prev is not None else 0.0
+        if prev is not None and prev.queue and waiting > 0 and now > prev.at:
+            # A queue at both reports: the engine was busy all along (with foreign traffic
+            # too this reads low, which only makes the estimate more careful).
+            sample = (starts - prev.starts) / (now - prev.at)
+            rate = sample if rate <= 0 else rate + 0.3 * (sample - rate)
+        last = started[-1] if started and running > 0 and rate > 0 else None
+        for rid in started:
+            t = self._requests[rid]
+            if t.watched:
+                continue  # its first byte will tell
+            if rid != last:
+                self.prefill_done(rid)
+                continue
+            if not t.prefill_end:  # started since the previous report, or since it was sent
+                begin = max(t.sent, prev.at if prev is not None else t.sent)
+                t.prefill_end = begin + t.pending / rate
+                self._running.setdefault(endpoint, OrderedDict())[rid] = None
+        self._expire(endpoint, now)
         # The proxy's requests the engine counts as running: those sent before the report
         # and not still queued (finished ones are gone from both sides, give or take a
         # request finishing between the scrape and now).
@@ -250,13 +311,24 @@ class PrefixIndex:
                 break
             newer += t.endpoint == endpoint
         mine_running = self._count.get(endpoint, 0) - newer - queued
-        self._foreign[endpoint] = _Foreign(
-            waiting=max(waiting - len(seen), 0), running=max(running - mine_running, 0))
+        self._views[endpoint] = _EngineView(
+            at=now, waiting=max(waiting - len(seen), 0),
+            running=max(running - mine_running, 0), queue=waiting > 0, rate=rate,
+            starts=starts)
+
+    def _expire(self, endpoint: str, now: float) -> None:
+        """End the estimated prefills that are over by now."""
+        timed = self._running.get(endpoint)
+        while timed:
+            rid = next(iter(timed))
+            if self._requests[rid].prefill_end > now:
+                break
+            self.prefill_done(rid)
 
     def engine_lost(self, endpoint: str) -> None:
         """No current report for `endpoint`: forget its foreign traffic (the proxy's own
         view alone is in charge again)."""
-        self._foreign.pop(endpoint, None)
+        self._views.pop(endpoint, None)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -283,7 +355,7 @@ class PrefixIndex:
 
     def load(self) -> dict[str, int]:
         """Endpoint -> estimated queued work in prompt tokens."""
-        if not self._foreign:
+        if not self._views:
             return {
                 e: int(self.prefill_share * self._pending.get(e, 0))
                 + self.request_tokens * self._count.get(e, 0)
@@ -292,23 +364,40 @@ class PrefixIndex:
         prefill = self.prefill_load()
         out: dict[str, int] = {}
         for e in self._ids:
-            f = self._foreign.get(e)
-            n = self._count.get(e, 0) + (f.waiting + f.running if f else 0)
+            v = self._views.get(e)
+            n = self._count.get(e, 0) + (v.waiting + v.running if v else 0)
             out[e] = prefill[e] + self.request_tokens * n
         return out
 
     def prefill_load(self) -> dict[str, int]:
         """Endpoint -> estimated queued prefill in prompt tokens (no per-request term)."""
-        out = {e: int(self.prefill_share * self._pending.get(e, 0)) for e in self._ids}
-        for e, f in self._foreign.items():
-            if f.waiting and e in out:
-                out[e] += int(self.prefill_share * f.waiting * self.mean_uncached)
+        if not self._views:
+            return {e: int(self.prefill_share * self._pending.get(e, 0)) for e in self._ids}
+        now = self.clock()
+        out: dict[str, int] = {}
+        for e in self._ids:
+            v = self._views.get(e)
+            if v is None:
+                out[e] = int(self.prefill_share * self._pending.get(e, 0))
+                continue
+            self._expire(e, now)
+            pending = self._pending.get(e, 0)
+            for rid in self._running.get(e, ()):
+                # A prefill under way counts for what is left of it.
+                t = self._requests[rid]
+                pending -= t.pending - min(t.pending, int((t.prefill_end - now) * v.rate))
+            out[e] = int(self.prefill_share * (pending + v.waiting * self.mean_uncached))
         return out
 
     def foreign(self, endpoint: str) -> tuple[int, int]:
         """(waiting, running) requests the engine last reported beyond the proxy's own."""
-        f = self._foreign.get(endpoint)
-        return (f.waiting, f.running) if f else (0, 0)
+        v = self._views.get(endpoint)
+        return (v.waiting, v.running) if v else (0, 0)
+
+    def start_rate(self, endpoint: str) -> float:
+        """Uncached tokens per second the engine was seen to start (0: not known)."""
+        v = self._views.get(endpoint)
+        return v.rate if v else 0.0
 
     def inflight(self, endpoint: str) -> int:
         return self._count.get(endpoint, 0)

@@ -26,6 +26,7 @@ class LLMRequest:
     prefix_keys: tuple[str, ...] = ()
     token_ids: tuple[int, ...] | None = None  # the client sent token ids
     tokenize_body: dict[str, Any] = field(default_factory=dict)  # vLLM /tokenize request
+    stream: bool = False  # the client asked for a streamed (SSE) answer
 
 
 # A lone surrogate ("\\ud800" in JSON, or raw ED A0 80, which json.loads lets through) is
@@ -113,6 +114,7 @@ def parse_llm_request(
 
     messages = data.get("messages")
     prompt = data.get("prompt")
+    stream = data.get("stream") is True
     if isinstance(messages, list) and messages:
         texts: list[str] = []
         for m in messages:
@@ -129,19 +131,19 @@ def parse_llm_request(
         tok.setdefault("add_generation_prompt", True)
         return LLMRequest(
             path=route_path, model=model, prompt=joined, key=prompt_key(model, joined),
-            form="chat", prefix_keys=_prefix_keys(model, texts), tokenize_body=tok,
+            stream=stream, form="chat", prefix_keys=_prefix_keys(model, texts), tokenize_body=tok,
         )
 
     if isinstance(prompt, str) and prompt:
         return LLMRequest(
             path=route_path, model=model, prompt=prompt, key=prompt_key(model, prompt),
-            form="completion", tokenize_body={"model": model, "prompt": prompt},
+            stream=stream, form="completion", tokenize_body={"model": model, "prompt": prompt},
         )
     if _is_token_ids(prompt):
         text = " ".join(map(str, prompt))
         return LLMRequest(
             path=route_path, model=model, prompt=text, key=prompt_key(model, text),
-            form="completion", token_ids=tuple(prompt),
+            stream=stream, form="completion", token_ids=tuple(prompt),
         )
     if isinstance(prompt, list) and prompt:
         # A batch: route on its first prompt (one upstream serves the whole request).
@@ -149,12 +151,13 @@ def parse_llm_request(
             joined = "\n".join(prompt)
             return LLMRequest(
                 path=route_path, model=model, prompt=joined, key=prompt_key(model, joined),
-                form="completion", tokenize_body={"model": model, "prompt": prompt[0]},
+                stream=stream, form="completion",
+                tokenize_body={"model": model, "prompt": prompt[0]},
             )
         if all(_is_token_ids(p) for p in prompt):
             text = " ".join(map(str, prompt[0]))
             return LLMRequest(
                 path=route_path, model=model, prompt=text, key=prompt_key(model, text),
-                form="completion", token_ids=tuple(prompt[0]),
+                stream=stream, form="completion", token_ids=tuple(prompt[0]),
             )
     return None

@@ -201,15 +201,17 @@ class Router:
         p = self.policy
         self.index = PrefixIndex(
             state.ids, prefill_share=p.prefill_share, request_tokens=p.request_tokens,
-            recent_tokens=p.recent_tokens)
+            recent_tokens=p.recent_tokens, clock=clock)
         self.heat = PrefixHeat(p.hot_half_life) if p.hot_half_life > 0 else None
 
     # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
 
-    def started(self, rid: Hashable, d: Decision) -> None:
-        """The request was sent to `d.endpoint_id`."""
+    def started(self, rid: Hashable, d: Decision, streamed: bool = False) -> None:
+        """The request was sent to `d.endpoint_id`; `streamed`: the client asked for a
+        streamed answer (its first body byte will say when the prefill is over)."""
         self.state.start(d.endpoint_id)
-        self.index.add(rid, d.endpoint_id, d.chunks, d.prompt_tokens - d.matched_tokens)
+        self.index.add(rid, d.endpoint_id, d.chunks, d.prompt_tokens - d.matched_tokens,
+                       watched=streamed)
 
     def first_byte(self, rid: Hashable) -> None:
         """The first byte of a streamed response body: the endpoint's prefill is over."""
@@ -471,15 +473,25 @@ class Router:
                 "instance-not-an-endpoint",
             )
         matches: dict[str, int] | Any = answer
-        if self.policy.track_inflight:
-            # Prompts routed but not yet prefilled are invisible to the controller.
-            matches = merge_matches(answer, self.index.local_matches(chunks))
+        p = self.policy
+        if p.track_inflight or p.recent_tokens:
+            # The controller learns a prefix only once its prefill is over and its worker
+            # reported it; a fresh, emptied or lagging controller knows less still. What
+            # the proxy routed (in flight, and recently finished) counts whatever it says.
+            matches = merge_matches(answer, self.index.local_matches(
+                chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0))
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
-                                prompt_tokens=n, params=self.policy,
+                                prompt_tokens=n, params=p,
                                 load_tokens=self.load_tokens(),
                                 prefill_tokens=self.prefill_tokens(),
                                 replicas=self.replicas(matches, candidates, chunks))
         if choice.reason == "cache-hit":
+            if choice.matched_tokens > answer.get(choice.endpoint_id, 0):
+                # The match is the proxy's own memory, beyond what the controller knows.
+                self.stats.local_hits += 1
+                return Decision(choice.endpoint_id, "local-hit", "controller-behind",
+                                choice.matched_tokens, n, source, ms, unknown, chunks,
+                                answer, how)
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
                             source, ms, unknown, chunks, answer, how)

@@ -67,7 +67,7 @@ class SimConfig:
     # Engine metrics (vLLM's num_requests_waiting / running) are read every this many
     # seconds, by every policy that reads them (llm-d, ours): between reads they see the last
     # one. 0 reads them live at routing time.
-    scrape_interval_s: float = 0.1
+    scrape_interval_s: float = 0.05
     # Share of the requests sent straight to the engines (another gateway, a batch job):
     # spread at random, invisible to the policy except through engine metrics; the metrics
     # are over the policy's own requests.
@@ -333,6 +333,9 @@ class Simulation:
         if self.bypass[idx]:
             eid = self._brng.choice(self.engine_ids)
             self.reason = "bypass"
+            seen = getattr(self.policy, "on_bypass", None)  # only the oracle sees them
+            if seen is not None:
+                seen(req, eid, self)
         else:
             eid = self.policy.route(req, self)
         if eid not in self.engines:
@@ -400,6 +403,8 @@ class Simulation:
         del eng.release_at[idx]
         if not self.bypass[idx]:
             self.inflight[eng.eid] -= 1
+            self.policy.on_finish(self.requests[idx], eng.eid, self)
+        elif hasattr(self.policy, "on_bypass"):
             self.policy.on_finish(self.requests[idx], eng.eid, self)
         if eng.waiting:
             eng.slots_used += 1

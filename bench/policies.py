@@ -491,6 +491,13 @@ class Oracle(BasePolicy):
         self._est_decode[req.idx] = sim.cost.decode_seconds(req.output_tokens)
         return chosen
 
+    def on_bypass(self, req: SimRequest, eid: str, sim: Simulation) -> None:
+        """A request that did not pass through the router: the oracle knows it anyway."""
+        eng = sim.engines[eid]
+        self._est_prefill[req.idx] = eng.cost.prefill_seconds(
+            len(req.prompt) - self._cached(eng, req))
+        self._est_decode[req.idx] = sim.cost.decode_seconds(req.output_tokens)
+
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None:
         self._est_prefill.pop(req.idx, None)
         self._est_decode.pop(req.idx, None)
@@ -592,7 +599,7 @@ class Ours(BasePolicy):
         llm = LLMRequest("/v1/completions", "m", "", f"r{req.idx}", "completion",
                          token_ids=req.prompt.tokens)
         d = self._loop.run_until_complete(self.router.route(llm))
-        self.router.started(req.idx, d)
+        self.router.started(req.idx, d, streamed=self.streams(req))
         sim.reason = d.reason
         return d.endpoint_id
 

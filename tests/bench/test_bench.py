@@ -408,7 +408,7 @@ def test_ours_sees_its_own_in_flight_routing() -> None:
     # The controller does not know yet (prefill not finished); the proxy's index does.
     assert sim.controller.lookup_chunks(p.chunks, 0.0) == {}
     assert pol.route(SimRequest(1, FACTORY.extend(p, tokens(200, 3)), 5), sim) == first
-    assert sim.reason == "cache-hit"
+    assert sim.reason == "local-hit"
 
 
 # --- the key test ---------------------------------------------------------------------------

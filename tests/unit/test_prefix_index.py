@@ -192,3 +192,15 @@ def test_engine_report_walks_only_requests_sent_before_it() -> None:
     idx.engine_report("e1", waiting=0, running=1, seq=seq)
     assert idx.pending_tokens("e1") == 100  # b was sent after the scrape
     assert idx.foreign("e1") == (0, 0)  # a is the one running
+
+
+def test_engine_reports_leave_streamed_requests_to_their_first_byte() -> None:
+    # A started prefill may still be running: only the first byte of a streamed answer says
+    # it is over, so a report does not end a streamed request's prefill early.
+    idx = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    idx.add("streamed", "e1", (), 500, watched=True)
+    idx.add("plain", "e1", (), 300)
+    idx.engine_report("e1", waiting=0, running=2, seq=idx.seq)
+    assert idx.pending_tokens("e1") == 500
+    idx.prefill_done("streamed")
+    assert idx.pending_tokens("e1") == 0

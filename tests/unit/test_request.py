@@ -81,3 +81,11 @@ def test_not_llm_requests_are_none() -> None:
 
 def test_query_string_does_not_hide_the_path() -> None:
     assert parse({"model": "m", "prompt": "x"}, path="/v1/completions?x=1") is not None
+
+
+def test_stream_flag_is_read_only_when_true() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse({**chat, "stream": True}, "/v1/chat/completions").stream is True
+    assert parse({**chat, "stream": "yes"}, "/v1/chat/completions").stream is False
+    assert parse(chat, "/v1/chat/completions").stream is False
+    assert parse({"model": "m", "prompt": [1, 2], "stream": True}).stream is True

@@ -154,13 +154,15 @@ async def test_in_flight_prefix_is_merged_before_the_controller_knows() -> None:
     # The controller still knows nothing (prefill not over); the index does. Waiting behind
     # the first request's prefill beats recomputing its 2560 tokens elsewhere.
     d = await r.route(ids_req(doc + (7,) * 300, "t2"))
-    assert (d.endpoint_id, d.reason, d.matched_tokens) == (
-        first.endpoint_id, "cache-hit", 2560)
+    assert (d.endpoint_id, d.reason, d.why, d.matched_tokens) == (
+        first.endpoint_id, "local-hit", "controller-behind", 2560)
+    assert d.answer == "controller" and r.stats.local_hits == 1
     assert "chunks" not in d.as_metadata()
     r.finished("f1", first.endpoint_id)
     assert r.state.inflight[first.endpoint_id] == 0
     d = await r.route(ids_req(doc, "t3"))
-    assert d.reason == "round_robin"  # finished: the controller is the authority again
+    # Finished, and the controller still knows nothing: the proxy remembers it (issue 13).
+    assert (d.endpoint_id, d.reason) == (first.endpoint_id, "local-hit")
 
 
 async def test_in_flight_merge_can_be_turned_off() -> None:
@@ -261,6 +263,24 @@ async def test_controller_down_routes_by_recently_finished_prompts() -> None:
             first.endpoint_id, "local-hit", 512)
         assert d.why.startswith(("lookup-", "controller-"))
     assert r.stats.local_hits == 3
+
+
+async def test_an_empty_controller_still_routes_by_recently_finished_prompts() -> None:
+    # A fresh or emptied controller answers, but knows nothing: the proxy's memory of what
+    # it routed a moment ago still counts.
+    lk = FakeLookup(LookupResult({}))
+    r = make(lk)
+    first = await r.route(ids_req(LONG))
+    assert first.why == "no-match"
+    r.started("f1", first)
+    r.finished("f1", first.endpoint_id)
+    d = await r.route(ids_req(LONG, "again"))
+    assert (d.endpoint_id, d.reason, d.why, d.matched_tokens) == (
+        first.endpoint_id, "local-hit", "controller-behind", 512)
+    # Where the controller knows as much, it is a plain cache hit.
+    lk.answer = LookupResult({first.endpoint_id: 512})
+    d = await r.route(ids_req(LONG, "known"))
+    assert (d.endpoint_id, d.reason) == (first.endpoint_id, "cache-hit")
 
 
 async def test_half_open_probe_is_judged_after_the_budget() -> None:
