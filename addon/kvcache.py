@@ -201,8 +201,7 @@ class KVCache:
             req, decision = None, self._hook_failed(parts, e)
         if flow.response or flow.error:  # killed while we awaited
             return
-        self._apply(flow, parts, decision, (time.perf_counter() - t0) * 1000,
-                    streamed=req is not None and req.stream)
+        self._apply(flow, parts, decision, (time.perf_counter() - t0) * 1000, req)
         if req is not None and parts.cfg.enabled:
             self._schedule(flow, parts, req, hot, decision.controller)
 
@@ -332,7 +331,7 @@ class KVCache:
     # -- helpers ------------------------------------------------------------------------
 
     def _apply(self, flow: http.HTTPFlow, parts: Parts, d: Decision, ms: float,
-               streamed: bool = False) -> None:
+               req: LLMRequest | None = None) -> None:
         target = parts.targets.get(d.endpoint_id)
         if target is None:  # cannot happen: decisions only name configured endpoints
             return
@@ -343,7 +342,10 @@ class KVCache:
             r.scheme = scheme
         if r.host != host or r.port != port:
             r.host, r.port = host, port
-        parts.router.started(flow.id, d, streamed)
+        if req is None:
+            parts.router.started(flow.id, d)
+        else:
+            parts.router.started(flow.id, d, req.stream, req.key)
         self._flow_endpoint[flow.id] = d.endpoint_id
         self._by_client[flow.client_conn.id] = flow
         meta = d.as_metadata()

@@ -88,8 +88,9 @@ class PolicyParams:
     # Merge the prefixes of requests in flight into the controller's matches: the controller
     # learns a prefix only once its prefill is over.
     track_inflight: bool = True
-    # Per endpoint, tokens of recently finished prompts remembered to route by when the
-    # controller cannot answer; 0 turns that memory off.
+    # Per endpoint, tokens of recently finished prompts remembered and merged with every
+    # controller answer (a down, empty or lagging controller knows less); 0 turns that
+    # memory off, and with it following a chat's previous turn to where it was served.
     recent_tokens: int = 100_000
     # A hot prefix needs more than one holder: its share of the recent requests (the
     # requests containing it, counts decayed with this half-life, in seconds) times the
@@ -107,6 +108,11 @@ class PolicyParams:
     # this many tokens; 0 weighs them 1 whatever the load. Only queued prefill counts, not
     # the per-request term: requests that are decoding do not hold up a prefill.
     congestion_tokens: int = 3000
+    # A request leaves the endpoint that holds most of its prompt only once more prefill is
+    # queued there than spill_margin x the tokens it holds (then the cost above decides).
+    # 0: only light load (nothing queued) keeps it there; more keeps requests with their
+    # prefix longer, favouring the engines' hit ratio over TTFT at moderate load.
+    spill_margin: float = 0.0
 
 
 def choose(
@@ -153,31 +159,30 @@ def choose(
         queued = prefill_tokens if prefill_tokens is not None else load
         congestion += weight * min(queued.get(e, 0) for e in candidates) / p.congestion_tokens
     best: tuple[float, int, int, int] | None = None
-    best_holder_rank: tuple[float, int, int, int] | None = None
+    most: tuple[int, float, int] | None = None  # (-matched, cost, index): the best holder
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
         credited = max(matched, int(p.hot_copy_credit * top)) if spread else matched
         busy = load.get(eid, 0)
-        rank = (congestion * (prompt - credited) + weight * busy, -matched, busy, i)
+        cost = congestion * (prompt - credited) + weight * busy
+        rank = (cost, -matched, busy, i)
         if best is None or rank < best:
             best = rank
-        if matched > 0 and (best_holder_rank is None or rank < best_holder_rank):
-            best_holder_rank = rank
-    assert best is not None and best_holder_rank is not None
+        if matched > 0 and (most is None or (-matched, cost, i) < most):
+            most = (-matched, cost, i)
+    assert best is not None and most is not None
     winner, matched = candidates[best[3]], -best[1]
+    held, holder_id = -most[0], candidates[most[2]]
+    queued = prefill_tokens if prefill_tokens is not None else load
+    if matched < held and queued.get(holder_id, 0) <= p.spill_margin * held:
+        # Going anywhere but the best holder recomputes part of the prefix. With no prefill
+        # queued there (light load: the requests there are only decoding, which hardly
+        # delays a new request's start, whatever the per-request term says), that never
+        # pays: the request stays with the endpoint that holds most of its prompt.
+        # `spill_margin` widens "no prefill queued" to that share of the held tokens.
+        return Choice(holder_id, "cache-hit", held)
     if matched > 0:
         return Choice(winner, "cache-hit", matched)
-    # Leaving every holder recomputes the prefix: that pays only if the holder's queued
-    # prefill (what delays a new request's start; decoding requests hardly do) exceeds the
-    # target's by more than the recompute. The per-request term alone (decode slots, ties)
-    # never justifies it, so at light load a request stays with its holder.
-    holder_id, held = candidates[best_holder_rank[3]], -best_holder_rank[1]
-    queued = prefill_tokens if prefill_tokens is not None else load
-    credit = min(int(p.hot_copy_credit * top), held) if spread else 0
-    saved = weight * (queued.get(holder_id, 0) - queued.get(winner, 0)) - congestion * (
-        held - credit)
-    if saved <= 0:
-        return Choice(holder_id, "cache-hit", held)
     return Choice(winner, "hot-spread" if spread else "cache-spill")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from addon.lmcache import LookupResult
 from addon.looplag import deadline as Deadline
@@ -46,6 +46,8 @@ GRACE = 0.25
 BUSY = 0.85
 # Lookups at most let run past the budget at once (each holds a controller connection).
 MAX_LATE = 32
+# Requests remembered with the endpoint that served them (for the next turn of a chat).
+MAX_SERVED = 65536
 
 
 class Lookup(Protocol):
@@ -203,13 +205,22 @@ class Router:
             state.ids, prefill_share=p.prefill_share, request_tokens=p.request_tokens,
             recent_tokens=p.recent_tokens, clock=clock)
         self.heat = PrefixHeat(p.hot_half_life) if p.hot_half_life > 0 else None
+        # Request key -> (endpoint, prompt tokens) of the requests sent. The next turn of a
+        # chat is tokenized from the turn before (its key), and the endpoint that served
+        # that turn holds all of its tokens, not only the whole 256-token chunks the prefix
+        # index and the controller can see: a 645-token turn whose first 512 tokens are a
+        # system prompt every endpoint holds would otherwise match everywhere alike.
+        self._served: LRUCache[str, tuple[str, int]] = LRUCache(MAX_SERVED)
 
     # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
 
-    def started(self, rid: Hashable, d: Decision, streamed: bool = False) -> None:
+    def started(self, rid: Hashable, d: Decision, streamed: bool = False, key: str = "") -> None:
         """The request was sent to `d.endpoint_id`; `streamed`: the client asked for a
-        streamed answer (its first body byte will say when the prefill is over)."""
+        streamed answer (its first body byte will say when the prefill is over); `key`: the
+        request's cache key (`LLMRequest.key`)."""
         self.state.start(d.endpoint_id)
+        if key and d.prompt_tokens and self.policy.recent_tokens:
+            self._served[key] = (d.endpoint_id, d.prompt_tokens)
         self.index.add(rid, d.endpoint_id, d.chunks, d.prompt_tokens - d.matched_tokens,
                        watched=streamed)
 
@@ -249,8 +260,7 @@ class Router:
         chunks, n = phase.chunks, phase.prompt_tokens
         p = self.policy
         if chunks and (p.track_inflight or p.recent_tokens):
-            matches = self.index.local_matches(
-                chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0)
+            matches = self._own_matches(chunks, phase.cache_key)
             candidates = self.state.healthy()
             # Counted with or without a match, as with the controller: shares stay shares.
             replicas = self.replicas(matches, candidates, chunks)
@@ -264,6 +274,18 @@ class Router:
                     return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
                                     n, phase.source, ms, chunks=chunks)
         return self._with(self.balance(why), n, phase.source, ms, chunks)
+
+    def _own_matches(self, chunks: tuple[int, ...], cache_key: str) -> dict[str, int]:
+        """What the proxy itself knows each endpoint holds of this prompt: the prefixes of
+        requests in flight and recently finished, and the whole earlier prompt (a chat's
+        previous turn) the tokens came from, where it was served."""
+        p = self.policy
+        out = self.index.local_matches(chunks, inflight=p.track_inflight,
+                                       recent=p.recent_tokens > 0)
+        served = self._served.get(cache_key) if cache_key and p.recent_tokens else None
+        if served is not None and served[1] > out.get(served[0], 0):
+            out[served[0]] = served[1]
+        return out
 
     def replicas(
         self, matches: dict[str, int], candidates: list[str], chunks: tuple[int, ...]
@@ -400,7 +422,8 @@ class Router:
             # Saturated: spend less per request rather than time out (an answer under
             # answer_ttl old for this prefix, merged with the proxy's own view below).
             self.stats.recent_answers += 1
-            return self._decide(recent, chunks, n, source, None, "recent-answer")
+            return self._decide(recent, chunks, n, source, None, "recent-answer",
+                                phase.cache_key)
         if not self.slow_lookup.allow():
             self.stats.slow_skips += 1
             return self.fallback("controller-slow", phase)
@@ -434,7 +457,8 @@ class Router:
         self.slow_lookup.record_success()
         if self.answer_ttl > 0:
             self._answers[chunks[-1]] = result.matches
-        return self._decide(result.matches, chunks, n, source, ms, "controller")
+        return self._decide(result.matches, chunks, n, source, ms, "controller",
+                            phase.cache_key)
 
     def _chunks_of(self, tokens: tuple[int, ...], cache_key: str) -> tuple[int, ...]:
         """The chunk hashes, remembered with the cached tokens they came from."""
@@ -463,7 +487,7 @@ class Router:
         return None
 
     def _decide(self, answer: dict[str, int], chunks: tuple[int, ...], n: int, source: str,
-                ms: float | None, how: str) -> Decision:
+                ms: float | None, how: str, cache_key: str = "") -> Decision:
         candidates = self.state.healthy()
         unknown = sum(1 for i in answer if i not in self.state.inflight)
         if unknown:
@@ -478,8 +502,7 @@ class Router:
             # The controller learns a prefix only once its prefill is over and its worker
             # reported it; a fresh, emptied or lagging controller knows less still. What
             # the proxy routed (in flight, and recently finished) counts whatever it says.
-            matches = merge_matches(answer, self.index.local_matches(
-                chunks, inflight=p.track_inflight, recent=p.recent_tokens > 0))
+            matches = merge_matches(answer, self._own_matches(chunks, cache_key))
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
                                 prompt_tokens=n, params=p,
                                 load_tokens=self.load_tokens(),

@@ -33,8 +33,12 @@ POLICY_NOTES = {
     "ours": "the addon: its `addon.router.Router` (prefix index + `addon.policy.choose`) "
             "with `PolicyParams()` defaults, fed the controller lookup and the hooks' events; "
             "clients stream, so the first SSE body byte tells it the prefill is over",
-    "ours[no-stream]": "the addon with clients that do not stream: it learns nothing between "
-                       "routing and the end of the response",
+    "ours[no-stream]": "the addon with clients that do not stream: between routing and the "
+                       "end of a response it learns only what the engines' metrics say",
+    "ours[half-stream]": "the addon with every other client streaming",
+    "ours[no-stream,no-metrics]": "the addon with clients that do not stream and engine "
+                                  "metrics off (`engine_metrics_interval: 0s`): it learns "
+                                  "nothing until a response ends",
     "ours[request-load]": "the addon before the prefix index: controller matches only, load "
                           "= 256 tokens x in-flight requests",
     "ours[longest-match]": "the addon with `PolicyParams(kind=\"longest_match\")`: most "
@@ -192,9 +196,14 @@ def build(
         "setting where routing matters most.")
     add("- Chat users wait for their previous answer: at the highest chat loads part of the "
         "offered rate is never issued (a closed loop), so look at req/s there.")
-    add("- Peers get their inputs for free: llm-d reads engine metrics with no scrape lag, "
-        "Dynamo and llm-d use the controller view as their KV index, production-stack "
-        "kvaware sees chat prompts it would skip in reality.")
+    add(f"- Engine metrics (vLLM's waiting and running requests, KV usage) are read every "
+        f"{cfg.scrape_interval_s:g} s by the policies that read them (llm-d and ours alike); "
+        "`waiting` counts the requests whose prefill has not started, as vLLM's does.")
+    add("- Peers get some inputs for free: Dynamo and llm-d use the controller view as their "
+        "KV index, Dynamo's router sees every engine's first token (whatever the client "
+        "does), production-stack kvaware sees chat prompts it would skip in reality. "
+        "`python -m bench.pooled` adds clients that do not stream and traffic that bypasses "
+        "the router, over pooled seeds (`routing-pooled.md`).")
     add("")
     add("Policies:")
     add("")

@@ -42,6 +42,7 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "hot_headroom": (0, 0.25, 0.5, 0.75),
     "hot_copy_credit": (0.25, 0.5, 0.75, 1.0),
     "congestion_tokens": (0, 1000, 3000, 5000),
+    "spill_margin": (0, 0.5, 1, 2),
 }
 # recent_tokens only matters when the controller cannot answer: swept with it down.
 SWEEP_DOWN = {"recent_tokens"}

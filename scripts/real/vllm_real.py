@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,13 +185,14 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def server_command(model: Path, port: int, name: str = MODEL_NAME) -> list[str]:
+def server_command(model: Path, port: int, name: str = MODEL_NAME,
+                   extra_args: Sequence[str] = ()) -> list[str]:
     return [
         str(venv_python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", name,
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", "2048", "--enable-prefix-caching", "--enforce-eager",
-        "--seed", "0",
+        "--seed", "0", *extra_args,
     ]
 
 
@@ -217,19 +218,22 @@ def cpu_share(i: int, n: int) -> str:
 
 
 def launch(model: Path, port: int, log_path: Path, *, tied: bool = True,
-           cpus: str | None = None) -> Server:
+           cpus: str | None = None, extra_env: Mapping[str, str] | None = None,
+           extra_args: Sequence[str] = ()) -> Server:
     """Start one server in its own process group (so stop() reaches its engine core).
 
     ``tied``: the server gets SIGTERM when this process dies (the tests); the CLI's
     detached servers are not tied. ``cpus``: VLLM_CPU_OMP_THREADS_BIND ("0", "2-3").
+    ``extra_env``/``extra_args``: e.g. VLLM_SERVER_DEV_MODE=1 and --enable-scale-out for the
+    peer-router tier (/reset_prefix_cache, /v1/chat/completions/render).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = server_env()
+    env = {**server_env(), **(extra_env or {})}
     if cpus is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(
-            server_command(model, port), stdout=fh, stderr=subprocess.STDOUT,
+            server_command(model, port, extra_args=extra_args), stdout=fh, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             preexec_fn=_pdeathsig if tied else None,
         )
@@ -290,7 +294,8 @@ def _stop_group(pgid: int, timeout: float) -> None:
 
 @contextlib.contextmanager
 def servers(n: int = 2, log_dir: Path | None = None, timeout: float = 300.0,
-            log: Log = _log) -> Iterator[list[Server]]:
+            log: Log = _log, extra_env: Mapping[str, str] | None = None,
+            extra_args: Sequence[str] = ()) -> Iterator[list[Server]]:
     """Install if needed, make the model, start ``n`` servers at once; stop them on exit."""
     install(log)
     model = make_model(log)
@@ -300,7 +305,8 @@ def servers(n: int = 2, log_dir: Path | None = None, timeout: float = 300.0,
         for i in range(n):
             port = free_port()
             started.append(launch(model, port, log_dir / f"vllm-{port}.log",
-                                  cpus=cpu_share(i, n)))
+                                  cpus=cpu_share(i, n), extra_env=extra_env,
+                                  extra_args=extra_args))
         wait_healthy(started, timeout, log)
         yield started
     finally:

@@ -58,6 +58,34 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 1800
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def real_vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Three real vLLM CPU servers (started once, in parallel, for the one module that uses
+    them, and stopped after it so they do not sit on memory and CPU next to the other
+    real tiers), with
+    VLLM_SERVER_DEV_MODE=1 (/reset_prefix_cache) and --enable-scale-out (the render endpoint
+    vllm-router's cache_aware calls), for the peer-router tier (test_real_peers.py).
+    test_real_vllm.py keeps its own two, as before: its check that a stream has as many SSE
+    events through the proxy as direct depends on timing (vLLM merges deltas its reader has
+    not taken yet) and failed under load both on these and on its own servers.
+    A failed install or start FAILS (KVCACHE_REAL=1 asked for the tier), never skips."""
+    from bench import real_peers
+
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        error = ""
+        try:
+            engines, _ = stack.enter_context(
+                real_peers.started_servers(tmp_path_factory.mktemp("vllm-logs")))
+        except real_peers.vllm_real.SetupError as e:
+            error = str(e)
+        if error:
+            pytest.fail(f"real vLLM setup failed: {error}", pytrace=False)
+        print(f"\n[real_vllm] three servers up in {time.monotonic() - t0:.0f} s: "
+              + ", ".join(engines.values()), file=sys.stderr)
+        yield list(engines.values())
+
+
 @pytest.fixture(scope="session")
 def lmcache_python() -> str:
     """The lmcache venv's python, installing the venv on first use (fails, never skips)."""

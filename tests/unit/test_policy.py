@@ -155,3 +155,40 @@ def test_congestion_weighs_uncached_tokens_up() -> None:
     c = choose({"e1": 2048}, IDS, {}, lb, 3000, PolicyParams(congestion_tokens=2000),
                load_tokens=busy, prefill_tokens={"e1": 3000, "e2": 0, "e3": 1000})
     assert (c.endpoint_id, c.reason) == ("e2", "cache-spill")
+
+
+def test_leaving_the_best_holder_must_pay_in_queued_prefill() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    p = PolicyParams()  # load in tokens
+    # e1 holds 640 of the prompt, e2 and e3 the 512-token system prompt. e1 has two
+    # requests decoding (320 tokens of load, no prefill queued): the 128 tokens e2 would
+    # recompute are not worth a move that saves no queueing.
+    load = {"e1": 320, "e2": 0, "e3": 0}
+    c = choose({"e1": 640, "e2": 512, "e3": 512}, IDS, {}, lb, 700, p, load_tokens=load,
+               prefill_tokens={"e1": 0, "e2": 0, "e3": 0})
+    assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e1", "cache-hit", 640)
+    # With prefill queued on e1 beyond those 128 tokens, the move pays.
+    c = choose({"e1": 640, "e2": 512, "e3": 512}, IDS, {}, lb, 700, p,
+               load_tokens={"e1": 620, "e2": 0, "e3": 0},
+               prefill_tokens={"e1": 300, "e2": 0, "e3": 0})
+    assert (c.endpoint_id, c.matched_tokens) == ("e2", 512)
+    # The same for a spill to an endpoint that holds nothing.
+    c = choose({"e1": 512}, IDS, {}, lb, 800, p, load_tokens={"e1": 480, "e2": 0, "e3": 0},
+               prefill_tokens={"e1": 0, "e2": 0, "e3": 0})
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+
+
+def test_a_spill_margin_keeps_requests_with_their_prefix_longer() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    # e1 has 600 tokens of prefill queued: waiting for it costs more than recomputing the
+    # 512 tokens it holds, so by default the request moves; a margin of 2 keeps requests
+    # there until more than 2 x 512 tokens are queued.
+    kw = dict(load_tokens={"e1": 600, "e2": 0, "e3": 0},
+              prefill_tokens={"e1": 600, "e2": 0, "e3": 0})
+    assert choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(), **kw).endpoint_id == "e2"
+    c = choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(spill_margin=2.0), **kw)
+    assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")

