@@ -509,12 +509,14 @@ class Router:
                                 prefill_tokens=self.prefill_tokens(),
                                 replicas=self.replicas(matches, candidates, chunks))
         if choice.reason == "cache-hit":
-            if choice.matched_tokens > answer.get(choice.endpoint_id, 0):
-                # The match is the proxy's own memory, beyond what the controller knows.
+            if choice.matched_tokens >= answer.get(choice.endpoint_id, 0) + CHUNK_TOKENS:
+                # The match is the proxy's own memory, at least a chunk beyond what the
+                # controller reports there (less is only its 256-token granularity: the
+                # tail of a chat's previous turn on the endpoint the controller names).
                 self.stats.local_hits += 1
-                return Decision(choice.endpoint_id, "local-hit", "controller-behind",
-                                choice.matched_tokens, n, source, ms, unknown, chunks,
-                                answer, how)
+                why = "unknown-instance" if unknown else "controller-behind"
+                return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
+                                n, source, ms, unknown, chunks, answer, how)
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
                             source, ms, unknown, chunks, answer, how)

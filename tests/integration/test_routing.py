@@ -75,8 +75,9 @@ def test_first_sight_tokenized_on_path_and_repeat_hits(cluster: Cluster, tmp: Pa
 
 
 def test_unknown_instance_ids_fall_back(cluster: Cluster, tmp: Path) -> None:
-    # Endpoint ids that are not the controller's instance ids: nothing is ever routed by
-    # cache, every request is load-balanced and says why.
+    # Endpoint ids that are not the controller's instance ids: nothing is routed by the
+    # controller's answer (a repeat may still follow the proxy's own memory of where it sent
+    # it, as local-hit), and every route says why.
     engines = {f"other-{i}": url for i, url in enumerate(cluster.engine_urls.values())}
     cfg = write_config(tmp / "c.yaml", engines, cluster.controller_url,
                        lookup_routing_timeout="500ms")
