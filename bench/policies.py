@@ -583,7 +583,11 @@ class Ours(BasePolicy):
         self._controller = _SimController(sim)
         breaker = CircuitBreaker(5, 10.0, 2, clock, "controller")
         return Router(
-            budget=0.05, state=addon_policy.EndpointState(sim.engine_ids, 10.0, clock),
+            # The routing budget is wall-clock time (addon/looplag.py), which the virtual-time
+            # simulation must not depend on: a route that a busy machine or a GC pause made
+            # take 50 ms would fall back and change the numbers from run to run. The lookup
+            # itself is instantaneous here, so no budget is ever needed.
+            budget=3600.0, state=addon_policy.EndpointState(sim.engine_ids, 10.0, clock),
             balancer=addon_policy.LoadBalancer("least_inflight"), token_cache=None,
             lmcache=self._controller, tokenizer=None, controller_breaker=breaker,
             tokenizer_breaker=CircuitBreaker(5, 10.0, 2, clock, "tokenizer"),

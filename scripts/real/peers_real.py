@@ -30,23 +30,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+# The vLLM launcher beside this file holds the real tiers' shared helpers (the cache
+# directory, the setup error, running a setup command); standard library only, like this.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_real import Log, SetupError, home  # noqa: E402
+from vllm_real import _run as _run  # noqa: E402
 
 SPECS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
 KINDS = ("sglang", "vllm")
 INSTALL_STAMP = ".kvcache-peers-installed"
 
-Log = Callable[[str], None]
-
 
 def _log(msg: str) -> None:
     print(f"[peers-real] {msg}", file=sys.stderr, flush=True)
-
-
-def home() -> Path:
-    return Path(os.environ.get("KVCACHE_REAL_HOME", "~/.cache/mitmproxy-kvcache")).expanduser()
 
 
 def venv_dir() -> Path:
@@ -55,18 +55,6 @@ def venv_dir() -> Path:
 
 def venv_python() -> Path:
     return venv_dir() / "bin" / "python"
-
-
-class SetupError(RuntimeError):
-    """Installing or starting a router failed (the message says why)."""
-
-
-def _run(cmd: list[str], log: Log, what: str) -> None:
-    log(f"{what}: {shlex.join(cmd)}")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-30:])
-        raise SetupError(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
 def _stamp() -> str:
