@@ -433,6 +433,8 @@ class KVCache:
                 "cpu_ms_per_scrape": round(st.cpu_seconds * 1000 / max(st.scrapes, 1), 3),
                 "last": {e: (asdict(r) if r else None) for e, r in scraper.last.items()},
                 "foreign": {e: self.router.index.foreign(e) for e in scraper.urls},
+                "start_rate_tokens_per_s": {e: round(self.router.index.start_rate(e))
+                                            for e in scraper.urls},
             }
         if self.manager is not None:
             out["manager"] = self.manager.stats_dict()

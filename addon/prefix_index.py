@@ -176,7 +176,7 @@ class PrefixIndex:
         # Per endpoint: uncached tokens of requests known to have started, ever; and the
         # request a report saw start whose prefill is still estimated to run (at most one).
         self._starts: dict[str, int] = {}
-        self._running: dict[str, OrderedDict[Hashable, None]] = {}
+        self._prefilling: dict[str, OrderedDict[Hashable, None]] = {}
         self.clock = clock
         self.seq = 0  # requests added so far: an engine report names the last one it saw
         # Mean uncached tokens per routed request (exponentially weighted): the size guessed
@@ -214,7 +214,8 @@ class PrefixIndex:
         self.mean_uncached += 0.05 * (t.pending - self.mean_uncached)
 
     def prefill_done(self, rid: Hashable) -> None:
-        """The first byte of the response body arrived: the endpoint has prefilled it."""
+        """The endpoint has prefilled it: the first byte of a streamed answer arrived, or an
+        engine report (with the estimated prefill time) says so."""
         t = self._requests.get(rid)
         if t is None or not t.pending:
             return
@@ -223,7 +224,7 @@ class PrefixIndex:
         t.pending = 0
         self._unprefilled[t.endpoint].pop(rid, None)
         if t.prefill_end:
-            self._running[t.endpoint].pop(rid, None)
+            self._prefilling[t.endpoint].pop(rid, None)
 
     def _started_now(self, t: _Tracked) -> None:
         if not t.started:
@@ -243,7 +244,7 @@ class PrefixIndex:
             self._started_now(t)
             self._unprefilled[e].pop(rid, None)
             if t.prefill_end:
-                self._running[e].pop(rid, None)
+                self._prefilling[e].pop(rid, None)
         if remember and self.recent_chunks and t.hashes:
             recent = self._recent.setdefault(e, OrderedDict())
             # Deepest first, so the prefix ends up most recent and trimming takes the tails
@@ -300,7 +301,7 @@ class PrefixIndex:
             if not t.prefill_end:  # started since the previous report, or since it was sent
                 begin = max(t.sent, prev.at if prev is not None else t.sent)
                 t.prefill_end = begin + t.pending / rate
-                self._running.setdefault(endpoint, OrderedDict())[rid] = None
+                self._prefilling.setdefault(endpoint, OrderedDict())[rid] = None
         self._expire(endpoint, now)
         # The proxy's requests the engine counts as running: those sent before the report
         # and not still queued (finished ones are gone from both sides, give or take a
@@ -318,7 +319,7 @@ class PrefixIndex:
 
     def _expire(self, endpoint: str, now: float) -> None:
         """End the estimated prefills that are over by now."""
-        timed = self._running.get(endpoint)
+        timed = self._prefilling.get(endpoint)
         while timed:
             rid = next(iter(timed))
             if self._requests[rid].prefill_end > now:
@@ -382,7 +383,7 @@ class PrefixIndex:
                 continue
             self._expire(e, now)
             pending = self._pending.get(e, 0)
-            for rid in self._running.get(e, ()):
+            for rid in self._prefilling.get(e, ()):
                 # A prefill under way counts for what is left of it.
                 t = self._requests[rid]
                 pending -= t.pending - min(t.pending, int((t.prefill_end - now) * v.rate))

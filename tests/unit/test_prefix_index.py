@@ -204,3 +204,32 @@ def test_engine_reports_leave_streamed_requests_to_their_first_byte() -> None:
     assert idx.pending_tokens("e1") == 500
     idx.prefill_done("streamed")
     assert idx.pending_tokens("e1") == 0
+
+
+def test_a_started_prefill_runs_for_its_tokens_at_the_learned_rate() -> None:
+    # Non-streamed requests: the engine's queue says which started; only the newest started
+    # can still be prefilling, and it counts for its rest at the rate the engine was seen to
+    # start uncached tokens while it had a queue.
+    now = [0.0]
+    idx = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0, clock=lambda: now[0])
+    for rid in ("a", "b", "c"):
+        idx.add(rid, "e1", (), 1000)
+    idx.engine_report("e1", waiting=3, running=0, seq=idx.seq)
+    assert idx.start_rate("e1") == 0 and idx.prefill_load()["e1"] == 3000
+    now[0] = 1.0
+    idx.engine_report("e1", waiting=2, running=1, seq=idx.seq)  # a started: 1000 tokens in 1 s
+    assert idx.start_rate("e1") == 1000
+    assert idx.pending_tokens("e1") == 2000  # a's estimated end (1.0 s) has come
+    now[0] = 1.5
+    idx.engine_report("e1", waiting=1, running=1, seq=idx.seq)  # b started: 2000 tokens/s
+    rate = 1000 + 0.3 * (2000 - 1000)
+    assert idx.start_rate("e1") == rate
+    end = 1.0 + 1000 / rate  # b could start at the previous report
+    left = int((end - 1.5) * rate)
+    assert idx.prefill_load()["e1"] == 1000 + left  # c in full, b for what is left
+    now[0] = end + 0.01
+    assert idx.prefill_load()["e1"] == 1000 and idx.pending_tokens("e1") == 1000
+    # An idle engine (nothing running) ends every started prefill at once.
+    idx.add("d", "e1", (), 500)
+    idx.engine_report("e1", waiting=0, running=0, seq=idx.seq)
+    assert idx.pending_tokens("e1") == 0
