@@ -224,7 +224,6 @@ class EngineReading:
     waiting: int
     running: int
     kv_usage: float
-    at: float
 
 
 class Simulation:
@@ -280,7 +279,7 @@ class Simulation:
         live values when scraping is off."""
         if self.cfg.scrape_interval_s <= 0 or eid not in self.readings:
             e = self.engines[eid]
-            return EngineReading(e.num_waiting, e.num_running, e.kv_usage(), self.now)
+            return EngineReading(e.num_waiting, e.num_running, e.kv_usage())
         return self.readings[eid]
 
     def _push(self, t: float, kind: int, idx: int) -> None:
@@ -312,8 +311,7 @@ class Simulation:
 
     def _scrape(self) -> None:
         for eid, e in self.engines.items():
-            self.readings[eid] = EngineReading(e.num_waiting, e.num_running, e.kv_usage(),
-                                               self.now)
+            self.readings[eid] = EngineReading(e.num_waiting, e.num_running, e.kv_usage())
         on_scrape = getattr(self.policy, "on_scrape", None)
         if on_scrape is not None:
             on_scrape(self)
