@@ -271,7 +271,10 @@ def test_sse_answers_intact(engines: dict[str, str], proxy: Proxy, path: str,
         return "".join(parts)
 
     assert text_of(via_events) == text_of(direct_events)
-    assert len(via_events) == len(direct_events)
+    # Not the number of events: vLLM merges the deltas its reader has not taken yet, so two
+    # generations of the same text can come in 12 and 13 events (seen in CI, direct and
+    # through the proxy alike). The text, event by event parsed, is what must be intact.
+    assert len(via_events) > 1
     want = plain["choices"][0]["message"]["content"] if key == "content" \
         else plain["choices"][0]["text"]
     assert text_of(via_events) == want
