@@ -116,6 +116,43 @@ class BackgroundConfig(_Section):
     queue_size: Positive = 256
 
 
+class StateConfig(_Section):
+    """Where the proxy-side routing state lives (addon/replicas.py, addon/redis_link.py).
+
+    memory: this process alone. redis: shared with every replica publishing on the same
+    `channel` of the Redis (or Valkey) at `url`, through pub/sub into a local mirror.
+    """
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    # Replicas in front of the same cluster use the same channel; another cluster, another.
+    channel: Annotated[str, Field(min_length=1)] = "kvcache"
+    # Empty: host name, process id and a random suffix (unique per process).
+    replica_id: str = ""
+    # An empty batch is published this often, so peers know this replica is alive; a
+    # replica not heard from for peer_timeout is dropped (its in-flight load with it).
+    heartbeat: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 0.5
+    peer_timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 3.0
+    # Socket timeout of each Redis call (the background threads' only: the request path
+    # never calls Redis).
+    timeout: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 0.5
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> StateConfig:
+        if self.peer_timeout <= self.heartbeat:
+            raise ValueError(
+                f"peer_timeout ({self.peer_timeout:g}s) must exceed heartbeat "
+                f"({self.heartbeat:g}s)")
+        return self
+
+
 class EndpointConfig(_Section):
     id: Annotated[str, Field(min_length=1)]
     url: str
@@ -212,6 +249,7 @@ class KVCacheConfig(_Section):
     # routing budget, the request path skips them this long.
     slow_backoff: Duration = 1.0
     background: BackgroundConfig = BackgroundConfig()
+    state: StateConfig = StateConfig()
 
     @field_validator("lmcache_endpoint", "vllm_endpoint")
     @classmethod

@@ -135,7 +135,7 @@ class KVCache:
         if loop is not None:
             self._spawn(self.lag.run())
             self._log_relay = relay_thread_logs(loop)
-            self.parts.start_scraper(loop)
+            self.parts.start_threads(loop)
             if cfg.health_check_path:
                 self._spawn(self._health_checks(self.parts))
         ids = [ep.id for ep in cfg.endpoints]
@@ -144,6 +144,10 @@ class KVCache:
             f"{cfg.lmcache_endpoint}; budget {cfg.lookup_routing_timeout * 1000:.0f} ms, "
             f"fallback {cfg.load_balancing}{'' if cfg.enabled else '; cache routing disabled'}"
         )
+        if self.parts.replicas is not None:
+            logger.info(f"[kvcache] sharing routing state with other replicas through "
+                        f"{cfg.state.backend} at {cfg.state.url} (channel "
+                        f"{cfg.state.channel!r}) as replica {self.parts.replicas.replica_id}")
 
     def _stop(self) -> None:
         for task in list(self._tasks):
@@ -435,6 +439,15 @@ class KVCache:
                 "foreign": {e: self.router.index.foreign(e) for e in scraper.urls},
                 "start_rate_tokens_per_s": {e: round(self.router.index.start_rate(e))
                                             for e in scraper.urls},
+            }
+        parts = self.parts
+        if parts is not None and parts.replicas is not None and parts.link is not None:
+            out["shared_state"] = {
+                "backend": parts.cfg.state.backend, "replica_id": parts.replicas.replica_id,
+                "peers": sorted(parts.replicas.peers),
+                "peer_inflight": parts.replicas.remote_inflight(),
+                "link": asdict(parts.link.stats), "staleness_ms": parts.link.staleness_ms(),
+                **asdict(parts.replicas.stats),
             }
         if self.manager is not None:
             out["manager"] = self.manager.stats_dict()

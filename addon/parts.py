@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +22,7 @@ from addon.health import OutlierSettings
 from addon.lmcache import AsyncLMCache, LMCache
 from addon.manager import CacheManager, ManagerSettings
 from addon.policy import EndpointState, LoadBalancer
+from addon.replicas import ReplicaSync
 from addon.resilience import CircuitBreaker, RateLimitedLog, RetryPolicy
 from addon.router import Router
 from addon.strategy import validate_compress_method
@@ -45,6 +49,17 @@ class Parts:
     targets: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     # Reads the engines' queues (not started: `start_scraper` needs the running loop).
     scraper: EngineScraper | None = None
+    # With `state.backend: redis`: the other replicas' view, and the link that carries it
+    # (not started: `start_threads` needs the running loop).
+    replicas: ReplicaSync | None = None
+    link: Any = None
+
+    def start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the background readers (engine metrics, the replicas' link); what they
+        read is applied on `loop` (the router is touched only from the event loop)."""
+        self.start_scraper(loop)
+        if self.link is not None and self.replicas is not None:
+            self.link.start(loop, self.replicas)
 
     def start_scraper(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start reading the engines' metrics; readings are applied on `loop` (the router
@@ -73,6 +88,9 @@ class Parts:
         self.pool.shutdown()
         if self.scraper is not None:
             self.scraper.stop()
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
         for c in self.closers:
             if hasattr(c, "aclose"):
                 try:
@@ -133,8 +151,9 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
         tokenizer_breaker=tokenizer_breaker, controller_breaker=controller_breaker,
         failure_log=failure_log,
     )
+    replicas, link = _shared_state(cfg, router, failure_log)
     return Parts(
-        cfg=cfg, state=state, router=router, manager=manager,
+        cfg=cfg, state=state, router=router, manager=manager, replicas=replicas, link=link,
         pool=BackgroundPool(cfg.background.workers, cfg.background.queue_size),
         hotness=Hotness(cfg.hot_window, cfg.hot_max_records), token_cache=token_cache,
         failure_log=failure_log,
@@ -147,3 +166,24 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
             deliver=lambda eid, reading, seq: None, failure_log=failure_log,
         ) if cfg.engine_metrics_interval > 0 else None,
     )
+
+
+def replica_id(configured: str) -> str:
+    return configured or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _shared_state(
+    cfg: KVCacheConfig, router: Router, failure_log: RateLimitedLog
+) -> tuple[ReplicaSync | None, Any]:
+    st = cfg.state
+    if st.backend == "memory":
+        return None, None
+    # Imported only when asked for: a single replica needs neither redis nor msgpack.
+    from addon.redis_link import RedisLink
+
+    name = replica_id(st.replica_id)
+    link = RedisLink(st.url, st.channel, name, heartbeat=st.heartbeat,
+                     peer_timeout=st.peer_timeout, timeout=st.timeout,
+                     failure_log=failure_log)
+    sync = ReplicaSync(router, name, link.send, peer_timeout=st.peer_timeout)
+    return sync, link

@@ -32,7 +32,7 @@ import sys
 import time
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import TypeVar
@@ -332,6 +332,12 @@ class PrefixIndex:
         self._views.pop(endpoint, None)
 
     # -- views ---------------------------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[Hashable, str, tuple[int, ...], int, bool]]:
+        """(rid, endpoint, chunk hashes, uncached tokens still counted, watched) of every
+        tracked request, oldest first (what another proxy replica needs to mirror it)."""
+        for rid, t in self._requests.items():
+            yield rid, t.endpoint, t.hashes, t.pending, t.watched
 
     def local_matches(
         self, hashes: Sequence[int], inflight: bool = True, recent: bool = False

@@ -211,6 +211,9 @@ class Router:
         # index and the controller can see: a 645-token turn whose first 512 tokens are a
         # system prompt every endpoint holds would otherwise match everywhere alike.
         self._served: LRUCache[str, tuple[str, int]] = LRUCache(MAX_SERVED)
+        # Other proxy replicas hear of this one's requests through this (addon/replicas.py
+        # sets it when the state is shared); None: one replica, nothing to tell.
+        self.share: Callable[[tuple[Any, ...]], None] | None = None
 
     # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
 
@@ -219,14 +222,25 @@ class Router:
         streamed answer (its first body byte will say when the prefill is over); `key`: the
         request's cache key (`LLMRequest.key`)."""
         self.state.start(d.endpoint_id)
-        if key and d.prompt_tokens and self.policy.recent_tokens:
-            self._served[key] = (d.endpoint_id, d.prompt_tokens)
-        self.index.add(rid, d.endpoint_id, d.chunks, d.prompt_tokens - d.matched_tokens,
-                       watched=streamed)
+        if key and d.prompt_tokens:
+            self.remember_served(key, d.endpoint_id, d.prompt_tokens)
+        uncached = d.prompt_tokens - d.matched_tokens
+        self.index.add(rid, d.endpoint_id, d.chunks, uncached, watched=streamed)
+        if self.share is not None:
+            self.share(("a", rid, d.endpoint_id, d.chunks, max(uncached, 0), streamed, key,
+                        d.prompt_tokens))
+
+    def remember_served(self, key: str, endpoint_id: str, prompt_tokens: int) -> None:
+        """The prompt with cache key `key` was sent to `endpoint_id` (by this replica or
+        another one)."""
+        if self.policy.recent_tokens:
+            self._served[key] = (endpoint_id, prompt_tokens)
 
     def first_byte(self, rid: Hashable) -> None:
         """The first byte of a streamed response body: the endpoint's prefill is over."""
         self.index.prefill_done(rid)
+        if self.share is not None:
+            self.share(("p", rid))
 
     def engine_report(self, endpoint_id: str, waiting: int, running: int, seq: int) -> None:
         """An engine's own queue, scraped from its metrics when the proxy had sent its
@@ -240,7 +254,8 @@ class Router:
     def finished(self, rid: Hashable, endpoint_id: str) -> None:
         """The response ended or failed."""
         self.state.finish(endpoint_id)
-        self.index.remove(rid)
+        if self.index.remove(rid) is not None and self.share is not None:
+            self.share(("r", rid))
 
     def load_tokens(self) -> dict[str, int] | None:
         return self.index.load() if self.policy.load_unit == "tokens" else None
