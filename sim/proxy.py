@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,3 +98,18 @@ def mitmdump(config: Path, tmp: Path, *args: str, timeout: float = 20,
         yield proxy
     finally:
         stop_process(proc, 10)
+
+
+@contextmanager
+def mitmdumps(config: Path, tmp: Path, n: int, *args: str, timeout: float = 30,
+              addon: Path = ADDON) -> Iterator[list[Proxy]]:
+    """`n` mitmdump replicas with the same config, each on its own port and confdir (what a
+    user runs behind an L4 load balancer); all stopped on exit."""
+    with ExitStack() as stack:
+        proxies = []
+        for i in range(n):
+            d = tmp / f"replica-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            proxies.append(stack.enter_context(
+                mitmdump(config, d, *args, timeout=timeout, addon=addon)))
+        yield proxies
