@@ -12,6 +12,7 @@ background.py and manager.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -153,6 +154,15 @@ class KVCache:
         for task in list(self._tasks):
             task.cancel()
         if self.parts is not None:
+            if self.parts.replicas is not None and self.parts.link is not None:
+                # What sharing cost and how stale it ran, once, for whoever reads the log.
+                link, rs = self.parts.link, self.parts.replicas.stats
+                logger.info(
+                    f"[kvcache] shared state: {link.stats.batches_published} batches "
+                    f"published, {rs.events_received} events received from "
+                    f"{len(self.parts.replicas.peers)} peers, staleness "
+                    f"{json.dumps(link.staleness_ms())}, {link.stats.disconnects} "
+                    f"disconnects, {link.stats.events_dropped} events dropped")
             self.parts.close(self._tasks)
             self.parts = None
         if self._readers is not None:
@@ -413,7 +423,6 @@ class KVCache:
     @command.command("kvcache.stats")
     def stats(self) -> str:
         """The addon's counters as one JSON line."""
-        import json
         from dataclasses import asdict
 
         out: dict[str, Any] = {}

@@ -406,6 +406,9 @@ class PrefixIndex:
         v = self._views.get(endpoint)
         return v.rate if v else 0.0
 
+    def tracks(self, rid: Hashable) -> bool:
+        return rid in self._requests
+
     def inflight(self, endpoint: str) -> int:
         return self._count.get(endpoint, 0)
 

@@ -148,6 +148,9 @@ class ReplicaSync:
             r = ("@", sender, rid)
             index.add(r, endpoint, tuple(hashes), uncached, watched=watched)
             peer.rids.add(r)
+            if len(peer.rids) > index.max_tracked:
+                # The index dropped some at its bound: forget those here too.
+                peer.rids = {x for x in peer.rids if index.tracks(x)}
             if key and prompt_tokens:
                 self.router.remember_served(key, endpoint, prompt_tokens)
         elif kind == "p":

@@ -254,7 +254,9 @@ class Router:
     def finished(self, rid: Hashable, endpoint_id: str) -> None:
         """The response ended or failed."""
         self.state.finish(endpoint_id)
-        if self.index.remove(rid) is not None and self.share is not None:
+        self.index.remove(rid)
+        if self.share is not None:
+            # Even if the index had already dropped it (at its bound): peers may not have.
             self.share(("r", rid))
 
     def load_tokens(self) -> dict[str, int] | None:

@@ -71,6 +71,14 @@ def test_durations(text: object, seconds: float) -> None:
         ({"endpoints": EP, "routing_hot_headroom": -0.5}, "routing_hot_headroom = -0.5"),
         ({"endpoints": EP, "routing_hot_copy_credit": 1.5}, "routing_hot_copy_credit = 1.5"),
         ({"endpoints": EP, "routing_congestion_tokens": -1}, "routing_congestion_tokens = -1"),
+        ({"endpoints": EP, "state": {"backend": "etcd"}}, "state.backend = 'etcd'"),
+        ({"endpoints": EP, "state": {"backend": "redis", "url": "http://r:6379"}},
+         "state.url = 'http://r:6379'"),
+        ({"endpoints": EP, "state": {"heartbeat": "0s"}}, "state.heartbeat = '0s'"),
+        ({"endpoints": EP, "state": {"heartbeat": "2s", "peer_timeout": "1s"}},
+         "peer_timeout (1s) must exceed heartbeat (2s)"),
+        ({"endpoints": EP, "state": {"channel": ""}}, "state.channel = ''"),
+        ({"endpoints": EP, "state": {"redis": "x"}}, "unknown key 'state.redis'"),
     ],
 )
 def test_bad_values_name_key_and_value(data: dict, needle: str) -> None:
@@ -102,3 +110,12 @@ def test_every_routing_knob_comes_from_its_config_key() -> None:
         kind="longest_match", load_weight_tokens=7, load_unit="requests", prefill_share=0.25,
         request_tokens=9, track_inflight=False, recent_tokens=11, hot_half_life=3.0,
         hot_headroom=0.25, hot_copy_credit=0.75, congestion_tokens=13)
+
+
+def test_state_defaults_to_one_process_and_takes_redis_settings() -> None:
+    assert load_config({"endpoints": EP}).state.backend == "memory"
+    st = load_config({"endpoints": EP, "state": {
+        "backend": "redis", "url": "redis://cache:6380/2", "heartbeat": "200ms",
+        "peer_timeout": "1s"}}).state
+    assert (st.backend, st.url, st.heartbeat, st.peer_timeout, st.channel) == (
+        "redis", "redis://cache:6380/2", 0.2, 1.0, "kvcache")
