@@ -240,6 +240,8 @@ def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
         f"working set ~{w.working_set_tokens()} tokens = "
         f"{w.working_set_tokens() / total_cache:.0%} of the cluster's cache",
         f"times in model seconds (H100/8B cost model; time scale {args.time_scale})",
+        *([f"shared state: a real redis-server ({redis_binary()}), state.backend: redis"]
+          if any(r.name == "redis" for r in runs) else []),
         "",
         "".join([f"{'':28}", *(f"{LABELS[r.name]:>16}" for r in runs),
                  f"{on.name + '/' + off.name:>14}"]),

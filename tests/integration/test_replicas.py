@@ -110,7 +110,7 @@ def test_redis_killed_mid_run_loses_nothing_and_sharing_resumes(tmp_path: Path) 
                 time.sleep(0.1)
             for p in proxies:
                 text = p.log()
-                assert "shared state: Redis at" in text and "failed to" in text, text
+                assert "shared state: Redis at" in text and " failed (" in text, text
                 assert "is back; rejoined" in text, text
             a, b = _probe(urls, "after " + words)
             assert (b["endpoint"], b["reason"]) == (a["endpoint"], "local-hit"), (a, b)
