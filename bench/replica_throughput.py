@@ -18,9 +18,10 @@ afresh every round and stopped (SIGTERM) at its end; the line the addon logs whe
 gives that round's staleness of the link under load (queueing an event on the event loop ->
 Redis -> read back on the loop, from each replica's own echo: the path a peer's copy takes).
 Last, the Redis round trip itself is measured in this process against the same redis-server:
-a synchronous redis-py client (what the addon's writer thread does per batch) and a
-redis.asyncio client inside an event loop (what a design that read Redis on the request path
-would pay per request).
+a synchronous redis-py client, a redis.asyncio client inside an event loop (what a design
+that read Redis on the request path would pay per request), and the addon's own link code
+(addon/redis_link.py: pipelined PUBLISH, pushed messages read and decoded) against
+redis.asyncio doing the same on an event loop.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgpack
 import psutil
 
+from addon import redis_link
 from bench.proxy import (
     ENDPOINT_IDS,
     HOST,
@@ -346,6 +349,62 @@ def redis_round_trip(url: str, n: int) -> dict[str, dict]:
         await asyncio.gather(*(worker(n // conc) for _ in range(conc)))
         out[f"redis.asyncio GET, {conc} concurrent"] = _stats(
             lat, time.process_time() - c0, len(lat), time.perf_counter() - w0)
+
+        # Publishing on the event loop: redis.asyncio awaiting each reply, against the
+        # addon's link (addon/redis_link.py: RESP written by hand, the PUBLISH pipelined,
+        # its reply read later by the same task).
+        lat = []
+        c0, w0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            await r.publish(CHANNEL + "-rtt", payloads[i % len(payloads)])
+            lat.append(time.perf_counter() - t)
+        out["redis.asyncio PUBLISH"] = _stats(lat, time.process_time() - c0, n,
+                                              time.perf_counter() - w0)
+        u = urlsplit(url)
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        head = redis_link._command(b"PUBLISH", (CHANNEL + "-rtt").encode(), b"")[:-6]
+        c0, w0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            p = payloads[i % len(payloads)]
+            writer.write(head + b"$%d\r\n" % len(p) + p + b"\r\n")
+            if i % 8 == 7:
+                await asyncio.sleep(0)  # a pass of the loop, as between proxied requests
+        for _ in range(n):
+            await redis_link._reply(reader)
+        wall = time.perf_counter() - w0
+        out["addon link PUBLISH (pipelined)"] = _stats(
+            [wall / n] * n, time.process_time() - c0, n, wall)
+
+        # Receiving: a batch pushed to a subscriber, read by redis.asyncio's PubSub against
+        # the addon's reader.
+        sub = r.pubsub()
+        await sub.subscribe(CHANNEL + "-recv")
+        await sub.get_message(timeout=1.0)
+        sreader, swriter = await asyncio.open_connection(u.hostname, u.port)
+        swriter.write(redis_link._command(b"SUBSCRIBE", (CHANNEL + "-recv").encode()))
+        await redis_link._reply(sreader)
+        pusher = redis.Redis.from_url(url)
+        for i in range(n):
+            pusher.publish(CHANNEL + "-recv", payloads[i % len(payloads)])
+        pusher.close()
+        c0, w0 = time.process_time(), time.perf_counter()
+        got = 0
+        while got < n:
+            if await sub.get_message(ignore_subscribe_messages=True, timeout=1.0):
+                got += 1
+        wall = time.perf_counter() - w0
+        out["redis.asyncio pub/sub receive"] = _stats(
+            [wall / n] * n, time.process_time() - c0, n, wall)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            msgpack.unpackb((await redis_link._reply(sreader))[2], raw=False)
+        wall = time.perf_counter() - w0
+        out["addon link receive (incl. msgpack decode)"] = _stats(
+            [wall / n] * n, time.process_time() - c0, n, wall)
+        for w in (writer, swriter):
+            w.close()
+        await sub.aclose()
         await r.aclose()
 
     asyncio.run(aio())
@@ -588,8 +647,8 @@ def build(cmd: str, s: dict, exits: list[list[dict]], rtt: dict[str, dict],
         "",
         f"Measured in this process against the same redis-server after the rounds (the "
         f"two-redis replicas stopped, the others idle), {n:,} calls each after 200 unmeasured. "
-        f"PUBLISH sends a {rtt['payload_bytes']['bytes']}-byte batch as the addon's writer "
-        "thread does (one routed and one ended request) to a channel with two subscribers. "
+        f"PUBLISH sends a {rtt['payload_bytes']['bytes']}-byte batch as the addon publishes "
+        "one (one routed and one ended request) to a channel with two subscribers. "
         "GET reads a key holding that batch. CPU per call: this process's CPU time "
         "(`time.process_time`) over the calls, divided by them.",
         "",
@@ -640,7 +699,7 @@ def shows(s: dict, rtt: dict[str, dict]) -> str:
         f"{red['proxy_cpu_ms']:.2f} ms (two-redis): sharing cost "
         f"{share_cpu:+.2f} ms of proxy CPU per request "
         f"({share_cpu / mem['proxy_cpu_ms']:+.0%}; {loop_cpu:+.2f} ms of it on the event "
-        f"loops, the rest in the link's writer and reader threads), plus "
+        f"loops), plus "
         f"{red['redis_cpu_ms']:.3f} ms of redis-server CPU, and "
         f"{red['proxy_ctx_switches']:.1f} context switches per request against "
         f"{mem['proxy_ctx_switches']:.1f}. Two replicas, the stand-ins, the load generator "
@@ -651,8 +710,8 @@ def shows(s: dict, rtt: dict[str, dict]) -> str:
         f"over rounds and replicas), {_f(st['max_ms'])} ms at worst, with "
         f"{_f(st['events_per_batch'])} events per published batch. One Redis round trip "
         f"costs {pub['p50_us']:.0f} µs (p50) and {pub['cpu_us_per_call']:.0f} µs of client "
-        f"CPU for a synchronous PUBLISH (the writer thread pays it once per batch, off the "
-        f"event loop), and {aio['p50_us']:.0f} µs (p50, p99 {aio['p99_us']:.0f} µs) and "
+        f"CPU for a synchronous PUBLISH, and {aio['p50_us']:.0f} µs "
+        f"(p50, p99 {aio['p99_us']:.0f} µs) and "
         f"{aio['cpu_us_per_call']:.0f} µs of CPU for a redis.asyncio GET on an event loop: "
         f"reading Redis on the request path would add that latency to every request and "
         f"about {per_req / one['proxy_cpu_ms']:.0%} to one replica's "
@@ -662,6 +721,16 @@ def shows(s: dict, rtt: dict[str, dict]) -> str:
     if conc is not None:
         text += (f" With 16 GETs in flight at once, each waited {conc['p50_us']:.0f} µs "
                  f"(p50; p99 {conc['p99_us']:.0f} µs).")
+    link_pub = rtt.get("addon link PUBLISH (pipelined)")
+    aio_pub = rtt.get("redis.asyncio PUBLISH")
+    link_recv = rtt.get("addon link receive (incl. msgpack decode)")
+    aio_recv = rtt.get("redis.asyncio pub/sub receive")
+    if link_pub and aio_pub and link_recv and aio_recv:
+        text += (f" On the event loop, the addon's link spends {link_pub['cpu_us_per_call']:.0f}"
+                 f" µs of CPU per published batch (pipelined) and "
+                 f"{link_recv['cpu_us_per_call']:.0f} µs per batch received and decoded, "
+                 f"against {aio_pub['cpu_us_per_call']:.0f} µs and "
+                 f"{aio_recv['cpu_us_per_call']:.0f} µs for redis.asyncio doing the same.")
     return text
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench.replicas [--seeds 0,1,2] [--staleness-ms 1.0] [--replicas 2,4,8]``:
+"""``python -m bench.replicas [--seeds 0,1,2] [--staleness-from FILE | --staleness-ms 1.0]``:
 N proxy replicas behind an L4 load balancer, against one router.
 
 Each request goes to a replica drawn at random (seeded); every replica is the addon's
@@ -8,8 +8,10 @@ LMCache controller. Rows:
 - ``one``: a single router sees every request (``routing-pooled.md``'s ``ours``);
 - ``memory-N``: N replicas, each with only its own state (the ``memory`` state backend);
 - ``redis-N``: N replicas sharing their requests through ``addon.replicas.ReplicaSync``;
-  every batch one replica publishes reaches every other one ``--staleness-ms`` later
-  (the Redis round trip, measured elsewhere), in order.
+  every batch one replica publishes reaches every other one after a delay drawn from the
+  staleness the real link showed with N real replicas (``--staleness-from``, the report
+  of ``python -m bench.replica_staleness``; the default) or a fixed ``--staleness-ms``,
+  in the order each replica sent them.
 
 Cells are those of ``bench.pooled`` (every load level up to round robin's saturation, found
 per seed), with the controller up and down; each cell's TTFT p95 pools every request of the
@@ -19,6 +21,7 @@ seeds, and each row is given as its ratio to ``one`` in the same cell.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import logging
 import math
@@ -27,7 +30,6 @@ import random
 import shlex
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,6 +50,58 @@ WIN_BOUND = 1.03
 MODES = ("up", "down")  # the controller
 
 
+@dataclass(frozen=True)
+class Staleness:
+    """Seconds a batch takes from one replica to the others: drawn by inverse transform
+    from measured percentiles (piecewise linear between them), or a constant."""
+
+    knots: tuple[tuple[float, float], ...]  # (cumulative share, seconds), shares ascending
+    label: str
+
+    @classmethod
+    def constant(cls, seconds: float) -> Staleness:
+        return cls(((0.0, seconds), (1.0, seconds)), f"{seconds * 1000:g} ms")
+
+    @classmethod
+    def measured(cls, ms: dict[str, float], label: str) -> Staleness:
+        """From {"p10": .., ..., "p99": .., "max": ..} in milliseconds; below p10, p10."""
+        pts = sorted((float(k[1:]) / 100, v / 1000) for k, v in ms.items()
+                     if k.startswith("p") and k[1:].isdigit())
+        if not pts:
+            raise ValueError("no percentiles")
+        knots = [(0.0, pts[0][1]), *pts]
+        if "max" in ms:
+            knots.append((1.0, ms["max"] / 1000))
+        return cls(tuple(knots), label)
+
+    def draw(self, rng: random.Random) -> float:
+        u = rng.random()
+        prev = self.knots[0]
+        for k in self.knots[1:]:
+            if u <= k[0]:
+                span = k[0] - prev[0]
+                return prev[1] + (k[1] - prev[1]) * ((u - prev[0]) / span if span else 1.0)
+            prev = k
+        return prev[1]
+
+
+def load_staleness(path: Path, ns: Sequence[int], rate: float) -> dict[int, Staleness]:
+    """Per replica count, the staleness measured with that many real replicas (else the
+    nearest count measured) at `rate` req/s (else the nearest rate), from
+    ``bench.replica_staleness``'s JSON."""
+    runs = json.loads(path.read_text())["runs"]
+    if not runs:
+        raise ValueError(f"{path}: no runs")
+    out = {}
+    for n in ns:
+        run = min(runs, key=lambda r: (abs(r["replicas"] - n), abs(r["rate"] - rate)))
+        out[n] = Staleness.measured(
+            run["staleness_ms"], f"measured with {run['replicas']} replicas at "
+            f"{run['rate']:g} req/s: p50 {run['staleness_ms']['p50']:g} ms, p99 "
+            f"{run['staleness_ms']['p99']:g} ms, max {run['staleness_ms']['max']:g} ms")
+    return out
+
+
 @dataclass
 class ReplicaView:
     """What one replica's index held of the others' requests, over a run."""
@@ -58,23 +112,28 @@ class ReplicaView:
 
 class Replicas(BasePolicy):
     """`n` routers (``Ours``), each request routed by one drawn at random; with `shared`,
-    each router's ``ReplicaSync`` batches reach every other one `staleness_s` later."""
+    each router's ``ReplicaSync`` batches reach every other one after `staleness` (seconds,
+    or drawn per batch), each sender's in the order sent (one TCP stream through Redis)."""
 
-    def __init__(self, n: int, shared: bool, staleness_s: float, seed: int,
+    def __init__(self, n: int, shared: bool, staleness: float | Staleness, seed: int,
                  name: str | None = None, **ours: Any) -> None:
         if n < 1:
             raise ValueError("at least one replica")
         self.name = name or f"{'redis' if shared else 'memory'}-{n}"
         self.n = n
         self.shared = shared
-        self.staleness_s = staleness_s
+        self.staleness = (staleness if isinstance(staleness, Staleness)
+                          else Staleness.constant(staleness))
         self.rng = random.Random(seed)
+        self.delay_rng = random.Random(seed + 1)
         self.replicas = [Ours(f"{self.name}#{i}", **ours) for i in range(n)]
         self.syncs: list[ReplicaSync] = []
         self.owner: dict[int, int] = {}  # request -> the replica that routed it
         self.own: list[int] = [0] * n  # each replica's own requests in flight
         self.views = [ReplicaView() for _ in range(n)]
-        self._queue: deque[tuple[float, int, int, list[Any]]] = deque()
+        # (due, order sent, sender, seq, events), a heap by due time
+        self._queue: list[tuple[float, int, int, int, list[Any]]] = []
+        self._last_due = [0.0] * n
         self._seq = [0] * n
         self.batches = 0
 
@@ -93,16 +152,17 @@ class Replicas(BasePolicy):
                     peer_timeout=1e9, clock=lambda: sim.now))
 
     def _send(self, sender: int, events: list[Any], sim: Simulation) -> None:
-        self._queue.append((sim.now + self.staleness_s, sender, self._seq[sender], events))
+        due = max(sim.now + self.staleness.draw(self.delay_rng), self._last_due[sender])
+        self._last_due[sender] = due
+        heapq.heappush(self._queue, (due, self.batches, sender, self._seq[sender], events))
         self._seq[sender] += 1
         self.batches += 1
 
     def _deliver(self, sim: Simulation) -> None:
         """Every batch due by now, in the order sent, to every other replica."""
         q = self._queue
-        # The delay is constant and batches are sent in time order: the FIFO is ordered.
         while q and q[0][0] <= sim.now:
-            _, sender, seq, events = q.popleft()
+            _, _, sender, seq, events = heapq.heappop(q)
             for j, sync in enumerate(self.syncs):
                 if j != sender:
                     sync.receive(f"p{sender}", seq, events)
@@ -149,14 +209,14 @@ def config_names(ns: Sequence[int]) -> list[str]:
     return ["one"] + [f"{kind}-{n}" for n in ns for kind in ("memory", "redis")]
 
 
-def make_policy(config: str, staleness_s: float, seed: int) -> Any:
+def make_policy(config: str, staleness: float | Staleness, seed: int) -> Any:
     """A fresh policy for a row name (`seed`: the replicas' draw)."""
     if config == "one":
         return Ours("one")
     kind, _, n = config.partition("-")
     if kind not in ("memory", "redis") or not n.isdigit():
         raise ValueError(f"unknown configuration {config!r}")
-    return Replicas(int(n), kind == "redis", staleness_s, seed)
+    return Replicas(int(n), kind == "redis", staleness, seed)
 
 
 @dataclass
@@ -169,7 +229,7 @@ class RunResult:
 
 
 def run_cell(w: Workload, level: int, config: str, cfg: SimConfig, seed: int,
-             staleness_s: float, mode: str = "up") -> tuple[RunResult, Any]:
+             staleness: float | Staleness, mode: str = "up") -> tuple[RunResult, Any]:
     """One run of `config` on workload `w` at load level `level`; the policy object too.
 
     The simulation's seed is ``bench.pooled``'s for ``ours`` whatever the row, and the
@@ -180,7 +240,7 @@ def run_cell(w: Workload, level: int, config: str, cfg: SimConfig, seed: int,
     qps = w.qps_levels(cfg)[level]
     run_cfg = replace(cfg, controller_down=mode == "down")
     n = config.rpartition("-")[2]
-    policy = make_policy(config, staleness_s, seed_of(seed, "replicas", w.name, level, n))
+    policy = make_policy(config, staleness, seed_of(seed, "replicas", w.name, level, n))
     _, records = run_once(w.requests, w.times(qps, seed), policy, run_cfg,
                           seed_of(seed, "policy", w.name, level, "ours"))
     res = RunResult([r.ttft for r in records], sum(r.cached_tokens for r in records),
@@ -195,7 +255,7 @@ def run_cell(w: Workload, level: int, config: str, cfg: SimConfig, seed: int,
 
 _WORKLOADS: dict[tuple[int, str], Workload] = {}
 _CFG = SimConfig()
-_STALENESS_S = 0.001
+_STALENESS: dict[int, Staleness] = {}
 
 Key = tuple[int, str, int, str, str]  # seed, workload, level, row, controller mode
 
@@ -208,7 +268,10 @@ def _run(key: Key) -> tuple[Key, RunResult]:
         _, records = run_once(w.requests, w.times(w.qps_levels(_CFG)[level], seed), policy,
                               cfg, seed_of(seed, "policy", w.name, level, config))
         return key, RunResult([r.ttft for r in records], 0, 0)
-    return key, run_cell(w, level, config, _CFG, seed, _STALENESS_S, mode)[0]
+    n = config.rpartition("-")[2]
+    staleness = _STALENESS.get(int(n)) if n.isdigit() else None
+    return key, run_cell(w, level, config, _CFG, seed,
+                         staleness or Staleness.constant(0.001), mode)[0]
 
 
 def _p95(samples: Sequence[float]) -> float:
@@ -289,8 +352,8 @@ def summarize(res: dict[Key, RunResult], seeds: Sequence[int], cells: Sequence[t
 
 
 def render(data: dict[str, Any], command: str, seeds: Sequence[int], configs: Sequence[str],
-           staleness_s: float, qps: dict[tuple[str, int], float], meta: dict[str, Any]
-           ) -> list[str]:
+           staleness: dict[int, Staleness], qps: dict[tuple[str, int], float],
+           meta: dict[str, Any]) -> list[str]:
     seeds_s = ", ".join(map(str, seeds))
     redis = [c for c in configs if c.startswith("redis-")]
     lines = [
@@ -300,9 +363,12 @@ def render(data: dict[str, Any], command: str, seeds: Sequence[int], configs: Se
         "balancer); every replica is the addon's `Router` in front of the same 4 engines and "
         "the same LMCache controller, and scrapes the engines' metrics itself. "
         "`memory-N`: each replica knows only its own requests. "
-        f"`redis-N`: replicas share them through `addon/replicas.py` (`ReplicaSync`); each "
-        f"batch one publishes reaches the others {staleness_s * 1000:g} ms later, in order. "
+        "`redis-N`: replicas share them through `addon/replicas.py` (`ReplicaSync`); each "
+        "batch one publishes reaches the others after a delay drawn per batch from the "
+        "staleness measured on the real link (each sender's batches in the order sent). "
         "`one`: a single router sees every request.", "",
+        "Staleness: " + "; ".join(f"N={n}: {st.label}" for n, st in sorted(staleness.items()))
+        + ".", "",
         f"Each cell is the TTFT p95 of every request of seeds {seeds_s} pooled; rows are given "
         "as their ratio to `one` in the same cell (in brackets: the range of the same ratio "
         "seed by seed). Cells are `routing-pooled.md`'s (every load level up to round robin's "
@@ -362,13 +428,19 @@ def render(data: dict[str, Any], command: str, seeds: Sequence[int], configs: Se
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global _CFG, _STALENESS_S
+    global _CFG
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--staleness-ms", type=float, default=1.0,
-                    help="delay of a batch from one replica to the others (default 1.0)")
+    ap.add_argument("--staleness-from", type=Path,
+                    default=Path(__file__).parents[1] / "docs" / "replica-staleness.json",
+                    help="bench.replica_staleness's JSON: per N, the delays measured with N "
+                         "real replicas (default docs/replica-staleness.json)")
+    ap.add_argument("--staleness-rate", type=float, default=100.0,
+                    help="which of its runs: the total request rate (default 100 req/s)")
+    ap.add_argument("--staleness-ms", type=float, default=None,
+                    help="a fixed delay instead, in ms")
     ap.add_argument("--replicas", default="2,4,8", help="comma-separated replica counts")
     ap.add_argument("--workloads", default="",
                     help="comma-separated subset (shared-prefix,chat,docqa,no-reuse,"
@@ -390,7 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not seeds or not ns or any(m not in MODES for m in modes):
         ap.error("need seeds, replica counts and modes among up,down")
     out_dir = args.out if args.out is not None else (None if args.quick else Path("docs"))
-    _STALENESS_S = args.staleness_ms / 1000.0
+    _STALENESS.clear()
+    if args.staleness_ms is not None:
+        _STALENESS.update({n: Staleness.constant(args.staleness_ms / 1000) for n in ns})
+    else:
+        _STALENESS.update(load_staleness(args.staleness_from, ns, args.staleness_rate))
     scale = 0.25 if args.quick else 1.0
     _CFG = SimConfig(capacity_tokens=SimConfig.capacity_tokens // (4 if args.quick else 1))
     names = [n for n in args.workloads.split(",") if n] or None
@@ -417,11 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.replicas" + (" " + shlex.join(argv) if argv else "")
     data = summarize(res, seeds, cells, configs)
     qps = {(w, lv): _WORKLOADS[(seeds[0], w)].qps_levels(_CFG)[lv] for w, lv in cells}
-    meta = {"command": command, "seeds": seeds, "replicas": ns, "staleness_s": _STALENESS_S,
+    meta = {"command": command, "seeds": seeds, "replicas": ns,
+            "staleness": {n: st.label for n, st in _STALENESS.items()},
             "quick": args.quick, "config": asdict(_CFG), "win_bound": WIN_BOUND,
             "runs": len(rr) + len(keys), "jobs": args.jobs, "cpus": os.cpu_count(),
             "wall_s": wall}
-    lines = render(data, command, seeds, configs, _STALENESS_S, qps, meta)
+    lines = render(data, command, seeds, configs, _STALENESS, qps, meta)
     for mode in data:
         for row in data[mode]["cells"]:
             row["qps_seed0"] = qps[(row["workload"], row["level"])]

@@ -4,6 +4,9 @@ router, and the report has a row per configuration."""
 
 from __future__ import annotations
 
+import heapq
+import random
+
 import pytest
 
 from bench import replicas as R
@@ -80,8 +83,8 @@ def test_report_has_a_row_per_configuration(runs, workload) -> None:
         assert set(data[mode]["cells"][0]["configs"]) == set(configs)
     qps = {(workload.name, LEVEL): workload.qps_levels(CFG)[LEVEL]}
     meta = {"runs": len(res), "wall_s": 0.0, "jobs": 1}
-    text = "\n".join(R.render(data, "python -m bench.replicas --quick", [0], configs, 0.001,
-                              qps, meta))
+    text = "\n".join(R.render(data, "python -m bench.replicas --quick", [0], configs,
+                              {2: R.Staleness.constant(0.001)}, qps, meta))
     assert text.startswith("# ") and "Command: `python -m bench.replicas --quick`" in text
     for mode in ("up", "down"):
         for c in configs[1:]:
@@ -94,3 +97,31 @@ def test_cli_quick(tmp_path) -> None:
                    "--modes", "up", "--all-levels", "--jobs", "1", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "replicas-sim.md").read_text()
     assert "redis-2" in md and (tmp_path / "replicas-sim.json").exists()
+
+
+def test_staleness_is_drawn_from_the_measured_percentiles() -> None:
+    st = R.Staleness.measured({"p10": 1.0, "p50": 2.0, "p99": 10.0, "max": 50.0}, "m")
+    rng = random.Random(1)
+    xs = sorted(st.draw(rng) for _ in range(20_000))
+    assert xs[0] >= 0.001 and xs[-1] <= 0.050
+    assert abs(xs[len(xs) // 2] - 0.002) < 0.0002
+    assert 0.009 < xs[int(0.99 * len(xs))] < 0.016
+    assert R.Staleness.constant(0.003).draw(rng) == 0.003
+
+
+def test_a_replicas_batches_arrive_in_the_order_sent() -> None:
+    # Variable delays must not reorder one sender's batches (one TCP stream through Redis).
+    st = R.Staleness.measured({"p10": 0.1, "p50": 5.0, "max": 40.0}, "m")
+    p = R.Replicas(2, True, st, 3)
+
+    class Sim:
+        now = 0.0
+
+    sim = Sim()
+    for i in range(200):
+        sim.now = i * 0.001
+        p._send(0, [("x", i)], sim)  # type: ignore[arg-type]
+    dues = [due for due, *_ in p._queue]
+    got = [heapq.heappop(p._queue)[3] for _ in range(len(p._queue))]
+    assert got == list(range(200))
+    assert len(set(dues)) > 20  # the delays did vary
