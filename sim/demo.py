@@ -307,6 +307,8 @@ def chart(runs: list[RunResult], path: Path) -> None:
 
 
 def keep_running(args: argparse.Namespace, out: Path) -> None:
+    # One proxy to point mitmweb's users at, whatever --replicas measured.
+    args = argparse.Namespace(**{**vars(args), "replicas": 1})
     with _cluster_and_proxy(args, out, routing=True) as (cluster, urls, cfg):
         url = urls[0]
         web = " ".join(command(cfg, out / "mitmweb-conf", "127.0.0.1:8090", "mitmweb"))
