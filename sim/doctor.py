@@ -14,6 +14,14 @@ model come from there, each overridable by a flag) and it checks, in order:
 5. the cache-management settings: ``/evict`` (absent from every LMCache release) and
    ``compress_method`` (workers only know cachegen).
 
+When the URL serves LMCache's MP coordinator instead (``--cache-view auto``, the default,
+probes it; ``--cache-view coordinator`` forces it), the same questions are asked of it:
+``/healthz``; the instances it knows (registered, or reporting cache events) against the
+endpoint ids; the chunk size it cuts prompts into; a served probe prompt found by
+``/directory/lookup`` under the configured model (and, if not, under which model names the
+directory does hold keys); and which cache actions it can take (delete, fleet pins; no
+compress or clear).
+
 Exit status: 0 when routing can work (warnings allowed), 1 when it cannot, 2 on bad usage.
 """
 
@@ -23,6 +31,8 @@ import argparse
 import json
 import sys
 import time
+import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -30,6 +40,7 @@ from typing import Any, Literal
 import httpx
 
 from addon.config import ConfigError, KVCacheConfig, load_config_file
+from addon.coordinator import Coordinator, probe_view
 from addon.lmcache import LMCache, parse_lookup
 from addon.resilience import StatusError, UnparsableResponse
 
@@ -67,6 +78,7 @@ class Target:
     tokenizer: str
     model: str
     config: KVCacheConfig | None
+    view: str = "controller"  # or "coordinator": what the controller URL serves
 
 
 class Doctor:
@@ -413,6 +425,234 @@ class Doctor:
                      "Set cache_strategy.compress_method: cachegen.")
 
 
+class CoordinatorDoctor(Doctor):
+    """The doctor's questions asked of an LMCache MP coordinator (addon/coordinator.py)."""
+
+    def __init__(self, target: Target, prompt: str, *, kv_model: str, chunk_size: int,
+                 world_size: int = 1, cache_salt: str = "", **kw: Any) -> None:
+        super().__init__(target, prompt, **kw)
+        self.kv_model = kv_model
+        self.chunk = chunk_size
+        self.co = Coordinator(target.controller, kv_model, world_size=world_size,
+                              cache_salt=cache_salt, chunk_size=chunk_size)
+
+    def close(self) -> None:
+        super().close()
+        self.co.close()
+
+    def run(self) -> list[Check]:
+        up = self.check_coordinator()
+        if up and not self.kv_model:
+            self.add("model", "fail", "No model name is configured: every coordinator key "
+                     "hashes the model name, so the addon cannot look anything up.",
+                     "Set default_model (or --cache-model) to the model name vLLM passes to "
+                     "LMCache.")
+            up = False
+        known: set[str] | None = None
+        if up:
+            known = self.check_coordinator_instances()
+            self.check_chunk_size()
+        tokens = self.check_tokenize()
+        if up and tokens is not None and known != set():
+            self.check_directory_lookup(tokens, known)
+        if up:
+            self.check_model()
+            self.check_actions()
+        return self.checks
+
+    def check_coordinator(self) -> bool:
+        url = self.t.controller
+        try:
+            healthy = self.co.healthz(self.timeout)
+        except httpx.TimeoutException:
+            self.add("coordinator", "fail", f"The MP coordinator at {url} did not answer "
+                     f"/healthz within {self.timeout:g} s.",
+                     "Check that `lmcache coordinator` runs there and is not stalled.")
+            return False
+        except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
+            self.add("coordinator", "fail", f"Cannot reach the MP coordinator at {url} "
+                     f"({type(e).__name__}: {e}).",
+                     "Start it (python -m lmcache.v1.mp_coordinator --host H --port P) or fix "
+                     "lmcache_endpoint / --controller.")
+            return False
+        if not healthy:
+            self.add("coordinator", "fail", f"{url}/healthz does not say healthy.",
+                     "Check the coordinator's log.")
+            return False
+        self.add("coordinator", "ok", f"The MP coordinator at {url} answers /healthz.")
+        return True
+
+    def check_coordinator_instances(self) -> set[str] | None:
+        try:
+            registered = set(self.co.instances(self.timeout))
+            reporting = set(self.co.stats(self.timeout).get("l1_keys_by_instance") or {})
+        except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
+            self.add("instance_ids", "warn", f"Could not ask the coordinator which instances "
+                     f"it knows ({type(e).__name__}: {e}).")
+            return None
+        # Lookups name whoever reported a placement; deletes need a registration. Either
+        # makes the id one the coordinator knows.
+        known = registered | reporting
+        configured = list(self.t.endpoints)
+        missing = [i for i in configured if i not in known]
+        extra = sorted(known - set(configured))
+        data = {"configured": configured, "registered": sorted(registered),
+                "reporting": sorted(reporting), "known": sorted(known)}
+        line = (f"missing (configured, unknown to the coordinator): {_names(missing)}; "
+                f"extra (known, no endpoint): {_names(extra)}.")
+        fix = ("Set each endpoint's `id` to its LMCache MP server's --instance-id (the "
+               "default is a random UUID, so set it explicitly).")
+        if not known:
+            self.add("instance_ids", "fail", "No MP server has registered with the "
+                     "coordinator or reported cache events to it, so every lookup is empty.",
+                     "Start each vLLM server's LMCache MP server with --coordinator-url "
+                     f"{self.t.controller} --coordinator-event-reporting and a fixed "
+                     "--instance-id.", **data)
+        elif len(missing) == len(configured):
+            self.add("instance_ids", "fail", "Endpoint ids do not match the coordinator's "
+                     f"instance ids: {line} No request is ever routed by cache.", fix, **data)
+        elif missing:
+            self.add("instance_ids", "warn", f"Endpoint ids and coordinator instances "
+                     f"differ: {line}", fix, **data)
+        else:
+            self.add("instance_ids", "ok", f"Every endpoint id is a coordinator instance "
+                     f"({_names(configured)})"
+                     + (f"; it also knows {_names(extra)}." if extra else "."), **data)
+        silent = [i for i in configured if i in registered and i not in reporting]
+        unregistered = [i for i in configured if i in reporting and i not in registered]
+        if unregistered:
+            self.add("instances_registered", "warn", f"{_names(unregistered)} report cache "
+                     "events but are not registered: a targeted delete (eviction) on them "
+                     "answers 404.", "Give their MP servers --coordinator-url so they "
+                     "register and heartbeat.", **data)
+        if silent:
+            self.add("instances_reporting", "info", f"{_names(silent)} are registered but "
+                     "hold no L1 keys in the directory (idle, or started without "
+                     "--coordinator-event-reporting).", **data)
+        return known
+
+    def check_chunk_size(self) -> None:
+        # Fresh tokens: a sequence nothing stored, so only the chunk arithmetic answers.
+        base = uuid.uuid4().int % 1_000_000 * 1000 + 10_000
+        n = 4 * self.chunk + self.chunk // 2
+        try:
+            r = self.http.post(self.t.controller + "/directory/lookup", json={
+                "token_ids": list(range(base, base + n)), "model_name": self.kv_model or "x"})
+            chunks = r.json()["chunks"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            self.add("chunk_size", "warn", f"Could not check the coordinator's chunk size "
+                     f"({type(e).__name__}: {e}).")
+            return
+        if chunks == 4:
+            self.add("chunk_size", "ok", f"The coordinator cuts prompts into {self.chunk}-token "
+                     "chunks, as configured.", chunk_size=self.chunk)
+            return
+        guess = n // chunks if chunks else n + 1
+        self.add("chunk_size", "warn", f"The coordinator cut {n} tokens into {chunks} chunks: "
+                 f"its --chunk-size is about {guess if chunks else f'over {n}'}, not "
+                 f"{self.chunk}. Matches are still counted right (chunks carry their tokens), "
+                 "but prompts shorter than its chunk never match.",
+                 "Run the coordinator and every MP server with the same --chunk-size and set "
+                 "the addon's chunk size to it.", chunks=chunks, tokens=n)
+
+    def check_directory_lookup(self, tokens: list[int], known: set[str] | None) -> None:
+        if len(tokens) < self.chunk:
+            return
+        served = self._warm(known) if self.warmup else None
+        target = served if served and known and served in known else None
+        deadline = time.monotonic() + (self.settle if served else 0.0)
+        while True:
+            try:
+                res = self.co.lookup(tokens, self.timeout)
+            except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
+                self.add("lookup", "fail", f"/directory/lookup with the prompt's {len(tokens)} "
+                         f"tokens failed ({type(e).__name__}: {e}).")
+                return
+            done = (target in res.matches) if target else bool(res.matches)
+            # MP servers flush events about once a second: wait for the flush.
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if res.matches and (not target or target in res.matches):
+            best = max(res.matches, key=lambda i: res.matches[i])
+            routable = best in self.t.endpoints
+            self.add("lookup", "ok" if routable else "warn",
+                     f"A lookup of the {len(tokens)}-token prompt (model {self.kv_model!r}) "
+                     "matches " + ", ".join(f"{i}: {n} tokens ({res.locations.get(i, '?')})"
+                                            for i, n in sorted(res.matches.items()))
+                     + ("" if routable else f"; {best} is no configured endpoint"),
+                     matches=res.matches)
+        elif served:
+            self.add("lookup", "fail", f"The probe prompt ({len(tokens)} tokens) was served "
+                     f"by {served}, yet the coordinator's directory has no placement for it "
+                     f"under model {self.kv_model!r} after {self.settle:g} s: its MP server does "
+                     "not report cache events here, or stores under another model name, "
+                     "cache salt, world size, chunk size or hash algorithm.",
+                     "Start the MP servers with --coordinator-event-reporting, the same "
+                     "--chunk-size/--hash-algorithm as the coordinator, and set the addon's "
+                     "model to the name vLLM passes to LMCache (see the model line below).",
+                     tokens=len(tokens))
+        elif not self.warmup:
+            self.add("lookup", "info", f"No instance holds the {len(tokens)}-token probe "
+                     "prompt (it was not sent: --no-warmup). Whether keys agree is untested.",
+                     "Run without --no-warmup to serve it once and look again.",
+                     tokens=len(tokens))
+
+    def check_model(self) -> None:
+        try:
+            rows = self.co.keys(self.timeout)
+        except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
+            self.add("model", "warn", f"Could not list the directory's keys ({type(e).__name__}:"
+                     f" {e}).")
+            return
+        models = Counter(str(r["key"].get("model_name", "")) for r in rows)
+        sizes = sorted({int(r.get("num_tokens") or 0) for r in rows} - {0})
+        data = {"models": dict(models), "chunk_tokens": sizes}
+        if not models:
+            self.add("model", "info", "The coordinator's directory is empty: which model "
+                     "name the MP servers store under cannot be checked yet.", **data)
+        elif self.kv_model in models:
+            others = sorted(set(models) - {self.kv_model})
+            self.add("model", "ok", f"The directory holds keys under model {self.kv_model!r}"
+                     + (f" (and {_names(others)})." if others else "."), **data)
+        else:
+            listed = ", ".join(f"{m!r} ({n} keys)" for m, n in models.most_common(5))
+            self.add("model", "fail", f"The directory holds keys only under {listed}, none "
+                     f"under {self.kv_model!r}, the model the addon looks up with: keys hash "
+                     "the model name, so every lookup comes back empty.",
+                     f"Set the addon's coordinator model (--cache-model) to "
+                     f"{models.most_common(1)[0][0]!r}.", **data)
+        if sizes and sizes != [self.chunk]:
+            self.add("model_chunk", "warn", f"Stored chunks hold {sizes} tokens, not "
+                     f"{self.chunk}.", "Use one --chunk-size for the coordinator, every MP "
+                     "server and the addon.", **data)
+
+    def check_actions(self) -> None:
+        cfg = self.t.config
+        strategy = cfg.cache_strategy if cfg else None
+        if strategy and strategy.enable_eviction:
+            self.add("evict", "ok", "Eviction uses the coordinator's targeted /cache/delete "
+                     "(that instance's L1 only).")
+        if strategy and strategy.enable_compression:
+            self.add("compress", "warn", "enable_compression is on, but the MP coordinator has "
+                     "no compress route: every compression fails.",
+                     "Set cache_strategy.enable_compression: false.")
+        if strategy and strategy.enable_pinning:
+            try:
+                r = self.http.post(self.t.controller + "/cache/pins", json={
+                    "model_name": self.kv_model or "x", "world_size": 1, "token_ids": []})
+            except httpx.HTTPError as e:
+                self.add("pin", "warn", f"Could not probe /cache/pins ({type(e).__name__}).")
+                return
+            if r.status_code in (404, 405):
+                self.add("pin", "warn", "enable_pinning is on, but this coordinator runs no "
+                         "eviction controller (no /cache/pins): every pin fails.",
+                         "Set cache_strategy.enable_pinning: false.")
+            else:
+                self.add("pin", "info", "Pins go to the coordinator's /cache/pins: fleet-wide "
+                         "protection of L2 keys from its eviction, not a per-instance pin.")
+
+
 def _names(ids: Sequence[str]) -> str:
     return ", ".join(ids) if ids else "(none)"
 
@@ -447,7 +687,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait for a served prompt to reach the controller")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--cache-view", choices=("auto", "controller", "coordinator"),
+                   help="what --controller serves: the legacy LMCache controller or the MP "
+                   "coordinator (default: the config's cache_view, else probe it)")
+    p.add_argument("--cache-model", help="model name the MP coordinator's keys are hashed "
+                   "with (default: the config's coordinator model, else --model)")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk (default 256)")
     return p
+
+
+def _coordinator_settings(cfg: KVCacheConfig | None) -> dict[str, Any]:
+    """The config's coordinator settings, read leniently: a `coordinator:` section (model,
+    world_size, cache_salt, chunk_size) and `cache_view`, when the config has them."""
+    section = getattr(cfg, "coordinator", None)
+
+    def get(name: str, default: Any) -> Any:
+        value = getattr(section, name, None)
+        if value is None and isinstance(section, dict):
+            value = section.get(name)
+        return default if value in (None, "") else value
+
+    return {"cache_view": getattr(cfg, "cache_view", None) or "auto",
+            "model": get("model", ""), "world_size": int(get("world_size", 1)),
+            "cache_salt": str(get("cache_salt", "")),
+            "chunk_size": int(get("chunk_size", CHUNK))}
+
+
+def _doctor(target: Target, args: argparse.Namespace) -> Doctor:
+    """The legacy doctor or the coordinator one, for what the controller URL serves."""
+    co = _coordinator_settings(target.config)
+    common: dict[str, Any] = dict(warmup=not args.no_warmup, timeout=args.timeout,
+                                  settle=args.settle, prompt_given=args.prompt is not None)
+    prompt = args.prompt or DEFAULT_PROMPT
+    view = args.cache_view or co["cache_view"]
+    if view == "auto":
+        # A URL that answers neither way goes to the legacy checks, which say why.
+        view = probe_view(target.controller, args.timeout) or "controller"
+    if view != "coordinator":
+        return Doctor(target, prompt, **common)
+    target.view = "coordinator"
+    return CoordinatorDoctor(
+        target, prompt, kv_model=args.cache_model or co["model"] or target.model,
+        chunk_size=args.chunk_size or co["chunk_size"], world_size=co["world_size"],
+        cache_salt=co["cache_salt"], **common)
 
 
 def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> Target | Check:
@@ -482,7 +764,7 @@ def render(target: Target | None, checks: list[Check]) -> str:
     lines = ["mitmproxy-kvcache doctor"]
     if target is not None:
         lines += [
-            f"  controller  {target.controller}",
+            f"  {target.view:<11} {target.controller}",
             "  endpoints   " + ", ".join(f"{i}={u}" for i, u in target.endpoints.items()),
             f"  tokenizer   {target.tokenizer}"
             + (f" (model {target.model})" if target.model else ""),
@@ -513,9 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = [got]
     else:
         target = got
-        doctor = Doctor(target, args.prompt or DEFAULT_PROMPT, warmup=not args.no_warmup,
-                        timeout=args.timeout, settle=args.settle,
-                        prompt_given=args.prompt is not None)
+        doctor = _doctor(target, args)
         try:
             checks = doctor.run()
         finally:
@@ -525,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "ok": ok,
             "target": None if target is None else {
-                "controller": target.controller, "endpoints": target.endpoints,
+                "controller": target.controller, "view": target.view,
+                "endpoints": target.endpoints,
                 "tokenizer": target.tokenizer, "model": target.model,
             },
             "checks": [asdict(c) for c in checks],

@@ -6,6 +6,9 @@
 #   scripts/real/lmcache.sh start       start a controller on free loopback ports;
 #                                       prints KEY=VALUE lines (URL, PULL_PORT, ...)
 #   scripts/real/lmcache.sh stop        stop the controller started by `start`
+#   scripts/real/lmcache.sh coordinator-start   start an MP coordinator (the second control
+#                                       plane) on a free loopback port; prints URL=, PORT=, ...
+#   scripts/real/lmcache.sh coordinator-stop    stop the coordinator started above
 #   scripts/real/lmcache.sh python ...  run the venv's python (for sim/lmcache_worker.py)
 #   scripts/real/lmcache.sh info        venv path, lmcache version, size on disk
 #
@@ -109,6 +112,58 @@ cmd_stop() {
   rm -f "$STATE/controller.pid" "$STATE/controller.env"
 }
 
+coordinator_running() {
+  [ -f "$STATE/coordinator.pid" ] && kill -0 "$(cat "$STATE/coordinator.pid")" 2>/dev/null
+}
+
+cmd_coordinator_start() {
+  [ -x "$PY" ] && [ -f "$STAMP" ] || { log "not installed: run '$0 install' first"; exit 2; }
+  mkdir -p "$STATE"
+  if coordinator_running; then
+    log "coordinator already running (pid $(cat "$STATE/coordinator.pid"))"
+    cat "$STATE/coordinator.env"
+    return 0
+  fi
+  local port; port="${KVCACHE_REAL_COORDINATOR_PORT:-$(free_port)}"
+  # Always --host: the coordinator binds 0.0.0.0 by default. --chunk-size is its default,
+  # spelled out because the addon's keys must be hashed with the same one.
+  setsid "$PY" -m lmcache.v1.mp_coordinator --host 127.0.0.1 --port "$port" \
+    --chunk-size "${KVCACHE_REAL_CHUNK_SIZE:-256}" \
+    >"$STATE/coordinator.log" 2>&1 &
+  echo $! > "$STATE/coordinator.pid"
+  local url="http://127.0.0.1:$port"
+  local deadline=$(( $(date +%s) + ${KVCACHE_REAL_START_TIMEOUT:-90} ))
+  until curl -sf -m 2 "$url/healthz" >/dev/null 2>&1; do
+    if ! coordinator_running; then
+      log "coordinator exited; log follows"; tail -n 40 "$STATE/coordinator.log" >&2; exit 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      log "coordinator did not answer /healthz in time; log follows"
+      tail -n 40 "$STATE/coordinator.log" >&2; cmd_coordinator_stop; exit 1
+    fi
+    sleep 0.5
+  done
+  {
+    echo "URL=$url"
+    echo "PORT=$port"
+    echo "CHUNK_SIZE=${KVCACHE_REAL_CHUNK_SIZE:-256}"
+    echo "PID=$(cat "$STATE/coordinator.pid")"
+    echo "LOG=$STATE/coordinator.log"
+  } > "$STATE/coordinator.env"
+  cat "$STATE/coordinator.env"
+}
+
+cmd_coordinator_stop() {
+  if coordinator_running; then
+    local pid; pid="$(cat "$STATE/coordinator.pid")"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    log "stopped coordinator pid $pid"
+  fi
+  rm -f "$STATE/coordinator.pid" "$STATE/coordinator.env"
+}
+
 cmd_info() {
   echo "VENV=$VENV"
   echo "PYTHON=$PY"
@@ -121,7 +176,9 @@ case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
+  coordinator-start) cmd_coordinator_start ;;
+  coordinator-stop) cmd_coordinator_stop ;;
   info) cmd_info ;;
   python) shift; exec env PYTHONHASHSEED="$HASHSEED" "$PY" "$@" ;;
-  *) echo "usage: $0 install|start|stop|info|python ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|coordinator-start|coordinator-stop|info|python ARGS..." >&2; exit 2 ;;
 esac

@@ -173,3 +173,59 @@ def settle(url: str, shim: WorkerShim, instance_id: str) -> None:
     """Wait until the controller has applied every admit/evict the shim sent."""
     want = sum(len(v) for v in shim.held(instance_id).values())
     wait_until(lambda: key_count(url, instance_id) == want, what=f"{instance_id} keys == {want}")
+
+
+# --- the MP coordinator (LMCache's second control plane) -----------------------------------
+
+
+@dataclass(frozen=True)
+class RealCoordinator:
+    url: str
+    chunk_size: int
+    log: Path
+
+
+@contextlib.contextmanager
+def real_coordinator(state_dir: Path) -> Iterator[RealCoordinator]:
+    """An MP coordinator of its own (own port, own state dir), stopped on exit."""
+    env = {"KVCACHE_REAL_STATE": str(state_dir)}
+    out = _script("coordinator-start", env=env, timeout=180)
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    try:
+        yield RealCoordinator(url=kv["URL"], chunk_size=int(kv["CHUNK_SIZE"]),
+                              log=Path(kv["LOG"]))
+    finally:
+        _script("coordinator-stop", env=env, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def coordinator(
+    lmcache_python: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealCoordinator]:
+    """One real coordinator per test module (fails, never skips, with KVCACHE_REAL=1)."""
+    with real_coordinator(tmp_path_factory.mktemp("coordinator-run")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def feeder(
+    lmcache_python: str, coordinator: RealCoordinator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """scripts/real/coordinator_feed.py: MP-server stand-ins publishing LMCache's own cache
+    events to ``coordinator`` and serving the DELETE /cache/objects it forwards."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "real" / "coordinator_feed.py"
+    spec = importlib.util.spec_from_file_location("coordinator_feed", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    err = tmp_path_factory.mktemp("feeder") / "feeder.stderr"
+    try:
+        f = module.CoordinatorFeeder(lmcache_python, coordinator.url,
+                                     chunk_size=coordinator.chunk_size, stderr_path=err)
+    except module.FeederError as e:
+        pytest.fail(f"coordinator feeder did not start: {e}\n{err.read_text()[-2000:]}",
+                    pytrace=False)
+    with f:
+        yield f
