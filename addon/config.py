@@ -156,6 +156,16 @@ class StateConfig(_Section):
 class EndpointConfig(_Section):
     id: Annotated[str, Field(min_length=1)]
     url: str
+    # Where this server publishes its vLLM KV cache events (`--kv-events-config`'s
+    # "endpoint", e.g. tcp://10.0.0.5:5557); needed by `cache_view: kv_events`.
+    kv_events_endpoint: str = ""
+
+    @field_validator("kv_events_endpoint")
+    @classmethod
+    def _zmq_url(cls, v: str) -> str:
+        if v and urlsplit(v).scheme not in ("tcp", "ipc"):
+            raise ValueError("must be empty or a tcp://host:port or ipc:// address")
+        return v
 
     @field_validator("url")
     @classmethod
@@ -190,6 +200,16 @@ class KVCacheConfig(_Section):
     enabled: bool = True
     vllm_endpoint: str = ""  # empty: the first endpoint's URL serves /tokenize
     lmcache_endpoint: str = "http://127.0.0.1:9000"
+    # What tells where a prefix is cached: "controller" (LMCache's controller /lookup, at
+    # lmcache_endpoint), "coordinator" (LMCache's MP coordinator at lmcache_endpoint:
+    # /directory/lookup, /cache/delete), "kv_events" (each endpoint's vLLM KV cache events,
+    # its kv_events_endpoint; no controller), or "auto" (probe lmcache_endpoint at start-up).
+    cache_view: Literal["controller", "coordinator", "kv_events", "auto"] = "controller"
+    # The model name LMCache's keys are stored under (the coordinator's lookups need it);
+    # empty: default_model.
+    cache_model: str = ""
+    # ZMQ topic the engines publish KV events on ("" subscribes to every topic).
+    kv_events_topic: str = ""
     default_model: str = ""
     request_timeout: Duration = 2.0
     lookup_routing_timeout: Duration = 0.05
@@ -216,6 +236,7 @@ class KVCacheConfig(_Section):
     routing_hot_copy_credit: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     routing_congestion_tokens: Count = 3000
     routing_spill_margin: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    routing_lower_tier_cost: Ratio = 0.08
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]
     tokenize_on_request_path: bool = True
@@ -289,6 +310,15 @@ class KVCacheConfig(_Section):
     def _tokenizer(self) -> KVCacheConfig:
         if not self.vllm_endpoint:
             object.__setattr__(self, "vllm_endpoint", self.endpoints[0].url)
+        if self.cache_view == "kv_events":
+            for i, ep in enumerate(self.endpoints):
+                if not ep.kv_events_endpoint:
+                    raise ValueError(
+                        f"cache_view kv_events needs endpoints.{i}.kv_events_endpoint "
+                        f"(endpoint {ep.id!r} has none)")
+        if self.cache_view == "coordinator" and not (self.cache_model or self.default_model):
+            raise ValueError("cache_view coordinator needs cache_model (or default_model): "
+                             "the coordinator looks keys up by model name")
         return self
 
     def endpoint(self, endpoint_id: str) -> EndpointConfig | None:
@@ -310,6 +340,9 @@ def _first_error(err: ValidationError) -> str:
         return f"unknown key {key!r}"
     if e["type"] == "missing":
         return f"missing key {key!r}"
+    if isinstance(e.get("input"), dict):
+        # A check across keys (a model validator): its message names them.
+        return msg if key == "(top level)" else f"{key}: {msg}"
     value = repr(e.get("input"))
     if len(value) > 60:
         value = value[:57] + "..."

@@ -36,6 +36,9 @@ class LookupResult:
     matches: dict[str, int] = field(default_factory=dict)  # instance id -> matched tokens
     locations: dict[str, str] = field(default_factory=dict)
     event_id: str | None = None
+    # Instances whose match sits on a tier below the engine's GPU, for views that can tell
+    # (KV events' medium, the MP coordinator's tiers): loading it still costs something.
+    lower_tier: frozenset[str] = frozenset()
 
 
 def _layout_value(value: Any) -> tuple[str, int] | None:

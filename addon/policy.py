@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from addon.health import Health, OutlierSettings
@@ -113,6 +113,12 @@ class PolicyParams:
     # 0: only light load (nothing queued) keeps it there; more keeps requests with their
     # prefix longer, favouring the engines' hit ratio over TTFT at moderate load.
     spill_margin: float = 0.0
+    # A match the cache view reports on a lower tier than the engine's GPU (KV events'
+    # medium CPU, the MP coordinator's tiers) still has to be loaded: each of its tokens
+    # costs this share of recomputing it. Default: the calibration's 31-37 us per token of
+    # prefill (Llama-3.1-8B on an H100) against loading 128 KiB of KV per token over PCIe
+    # at about 50 GB/s (2.6 us).
+    lower_tier_cost: float = 0.08
 
 
 def choose(
@@ -125,6 +131,7 @@ def choose(
     load_tokens: Mapping[str, int] | None = None,
     replicas: int = 1,
     prefill_tokens: Mapping[str, int] | None = None,
+    lower_tier: Collection[str] = (),
 ) -> Choice:
     """The endpoint for one request.
 
@@ -135,7 +142,8 @@ def choose(
     balancer) when given and `params.load_unit` is "tokens"; `replicas`: how many endpoints
     should hold the matched prefix (more than one for a hot prefix, see `PolicyParams`);
     `prefill_tokens`: the queued prefill alone per endpoint, for the congestion weight
-    (`load` when not given).
+    (`load` when not given); `lower_tier`: the endpoints whose match must be loaded from a
+    tier below the GPU (each matched token costs `params.lower_tier_cost` of a recompute).
     """
     p = params or PolicyParams()
     by_tokens = load_tokens is not None and p.load_unit == "tokens"
@@ -163,6 +171,8 @@ def choose(
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
         credited = max(matched, int(p.hot_copy_credit * top)) if spread else matched
+        if eid in lower_tier:
+            credited = int(credited * (1.0 - p.lower_tier_cost))
         busy = load.get(eid, 0)
         cost = congestion * (prompt - credited) + weight * busy
         rank = (cost, -matched, busy, i)

@@ -475,7 +475,7 @@ class Router:
         if self.answer_ttl > 0:
             self._answers[chunks[-1]] = result.matches
         return self._decide(result.matches, chunks, n, source, ms, "controller",
-                            phase.cache_key)
+                            phase.cache_key, result.lower_tier)
 
     def _chunks_of(self, tokens: tuple[int, ...], cache_key: str) -> tuple[int, ...]:
         """The chunk hashes, remembered with the cached tokens they came from."""
@@ -504,7 +504,8 @@ class Router:
         return None
 
     def _decide(self, answer: dict[str, int], chunks: tuple[int, ...], n: int, source: str,
-                ms: float | None, how: str, cache_key: str = "") -> Decision:
+                ms: float | None, how: str, cache_key: str = "",
+                lower_tier: frozenset[str] = frozenset()) -> Decision:
         candidates = self.state.healthy()
         unknown = sum(1 for i in answer if i not in self.state.inflight)
         if unknown:
@@ -515,16 +516,23 @@ class Router:
             )
         matches: dict[str, int] | Any = answer
         p = self.policy
+        own: dict[str, int] = {}
         if p.track_inflight or p.recent_tokens:
             # The controller learns a prefix only once its prefill is over and its worker
             # reported it; a fresh, emptied or lagging controller knows less still. What
             # the proxy routed (in flight, and recently finished) counts whatever it says.
-            matches = merge_matches(answer, self._own_matches(chunks, cache_key))
+            own = self._own_matches(chunks, cache_key)
+            matches = merge_matches(answer, own)
+        # A lower-tier match counts as one only where the proxy's own memory (a prefill it
+        # sent there, so on the GPU) does not cover as much.
+        lower = ({e for e in lower_tier if answer.get(e, 0) > own.get(e, 0)}
+                 if lower_tier else ())
         choice: Choice = choose(matches, candidates, self.state.inflight, self.balancer,
                                 prompt_tokens=n, params=p,
                                 load_tokens=self.load_tokens(),
                                 prefill_tokens=self.prefill_tokens(),
-                                replicas=self.replicas(matches, candidates, chunks))
+                                replicas=self.replicas(matches, candidates, chunks),
+                                lower_tier=lower)
         if choice.reason == "cache-hit":
             if choice.matched_tokens >= answer.get(choice.endpoint_id, 0) + CHUNK_TOKENS:
                 # The match is the proxy's own memory, at least a chunk beyond what the

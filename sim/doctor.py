@@ -521,13 +521,13 @@ class CoordinatorDoctor(Doctor):
         silent = [i for i in configured if i in registered and i not in reporting]
         unregistered = [i for i in configured if i in reporting and i not in registered]
         if unregistered:
-            self.add("instances_registered", "warn", f"{_names(unregistered)} report cache "
-                     "events but are not registered: a targeted delete (eviction) on them "
-                     "answers 404.", "Give their MP servers --coordinator-url so they "
+            self.add("instances_registered", "warn", "Reporting cache events but not "
+                     f"registered: {_names(unregistered)}. A targeted delete (eviction) on "
+                     "them answers 404.", "Give their MP servers --coordinator-url so they "
                      "register and heartbeat.", **data)
         if silent:
-            self.add("instances_reporting", "info", f"{_names(silent)} are registered but "
-                     "hold no L1 keys in the directory (idle, or started without "
+            self.add("instances_reporting", "info", "Registered but holding no L1 keys in "
+                     f"the directory yet: {_names(silent)} (idle, or started without "
                      "--coordinator-event-reporting).", **data)
         return known
 
@@ -692,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "coordinator (default: the config's cache_view, else probe it)")
     p.add_argument("--cache-model", help="model name the MP coordinator's keys are hashed "
                    "with (default: the config's coordinator model, else --model)")
-    p.add_argument("--chunk-size", type=int, help="tokens per chunk (default 256)")
+    p.add_argument("--chunk-size", type=int,
+                   help="the MP coordinator's tokens per chunk (default 256)")
     return p
 
 

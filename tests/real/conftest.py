@@ -8,6 +8,7 @@ skips.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -229,3 +230,97 @@ def feeder(
                     pytrace=False)
     with f:
         yield f
+
+
+@dataclass
+class KVEventsServer:
+    """A real vLLM server publishing its KV cache events (``--kv-events-config``)."""
+
+    url: str
+    port: int
+    events_port: int
+    # How the subscriber reaches the publisher: True when the SUBSCRIBER binds
+    # tcp://127.0.0.1:events_port and vLLM connects to it (vLLM connects to a plain
+    # tcp://host:port endpoint); False when vLLM binds tcp://*:events_port and the
+    # subscriber connects (vLLM binds wildcard endpoints only).
+    subscriber_binds: bool
+    log_path: Path
+    server: Any = None  # vllm_real.Server
+
+    @property
+    def events_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.events_port}"
+
+
+class KVEventsServers:
+    """Servers with KV events, and a restart of one on the same ports (its publisher's
+    sequence starts again from 0, its cache empty)."""
+
+    TOPIC = "kv-events"
+    ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # POST /reset_prefix_cache
+
+    def __init__(self, vllm_real: Any, log_dir: Path, n: int) -> None:
+        self.vllm_real = vllm_real
+        self.model = vllm_real.make_model()
+        self.n = n
+        self.servers = [
+            KVEventsServer(url="", port=vllm_real.free_port(), events_port=vllm_real.free_port(),
+                           subscriber_binds=bool(i % 2), log_path=log_dir / f"vllm-kv-{i}.log")
+            for i in range(n)]
+
+    def _args(self, s: KVEventsServer) -> list[str]:
+        host = "127.0.0.1" if s.subscriber_binds else "*"
+        cfg = {"enable_kv_cache_events": True, "publisher": "zmq",
+               "endpoint": f"tcp://{host}:{s.events_port}", "topic": self.TOPIC}
+        return ["--kv-events-config", json.dumps(cfg)]
+
+    def launch(self, i: int) -> None:
+        s = self.servers[i]
+        s.server = self.vllm_real.launch(self.model, s.port, s.log_path,
+                                         cpus=self.vllm_real.cpu_share(i, self.n),
+                                         extra_env=self.ENV, extra_args=self._args(s))
+        s.url = s.server.url
+
+    def wait(self, idx: list[int] | None = None, timeout: float = 300.0) -> None:
+        picked = [self.servers[i].server for i in (idx if idx is not None else range(self.n))]
+        self.vllm_real.wait_healthy(picked, timeout)
+
+    def stop(self, i: int) -> None:
+        if self.servers[i].server is not None:
+            self.vllm_real.stop(self.servers[i].server)
+            self.servers[i].server = None
+
+    def restart(self, i: int) -> None:
+        self.stop(i)
+        self.launch(i)
+        self.wait([i])
+
+
+@pytest.fixture(scope="module")
+def kv_events_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVEventsServers]:
+    """Two real vLLM CPU servers publishing KV cache events over ZMQ, one per way of
+    connecting (server 0: vLLM binds, we connect; server 1: we bind, vLLM connects), with
+    VLLM_SERVER_DEV_MODE=1. Module scope, stopped after it. Fails (never skips) on a
+    failed install or start."""
+    from bench import real_peers
+
+    vllm_real = real_peers.vllm_real
+    error = ""
+    group: KVEventsServers | None = None
+    try:
+        vllm_real.install()
+        group = KVEventsServers(vllm_real, tmp_path_factory.mktemp("vllm-kv-logs"), 2)
+        for i in range(group.n):
+            group.launch(i)
+        group.wait()
+    except vllm_real.SetupError as e:
+        error = str(e)
+    try:
+        if error:
+            pytest.fail(f"real vLLM (kv events) setup failed: {error}", pytrace=False)
+        assert group is not None
+        yield group
+    finally:
+        if group is not None:
+            for i in range(group.n):
+                group.stop(i)

@@ -20,7 +20,7 @@ from sim import doctor, tokenizer
 from sim.cluster import serve_app
 from sim.doctor import DEFAULT_PROMPT
 from sim.lmcache_worker import WorkerShim
-from tests.real.conftest import RealController, unique
+from tests.real.conftest import RealController, RealCoordinator, unique
 
 pytestmark = pytest.mark.real_lmcache
 MODEL = "sim-model"
@@ -121,3 +121,64 @@ def test_doctor_with_a_stalled_worker_does_not_hang(
                             _config(tmp_path, controller.url, {inst: eng})])
     out = capsys.readouterr().out
     assert code == 0, out
+
+
+# --- against a REAL MP coordinator, fed by scripts/real/coordinator_feed.py ------------------
+
+
+@contextlib.contextmanager
+def fake_vllm_mp(feeder: Any, instance_id: str, stores_as: str = MODEL) -> Iterator[str]:
+    """A vLLM stand-in whose LMCache MP server reports served prompts to the coordinator
+    under ``instance_id`` and the model name ``stores_as``."""
+    app = FastAPI()
+
+    @app.post("/tokenize")
+    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+        toks = tokenizer.encode(body["prompt"], True)
+        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.post("/v1/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        feeder.store(instance_id, tokenizer.encode(body["prompt"], True), stores_as)
+        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
+
+    with serve_app(app) as url:
+        yield url
+
+
+def test_doctor_on_a_real_coordinator(
+    coordinator: RealCoordinator, feeder: Any, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inst = unique("doc-mp")
+    feeder.register(inst)
+    with fake_vllm_mp(feeder, inst) as eng:
+        code = doctor.main([*_prompt(), "--config",
+                            _config(tmp_path, coordinator.url, {inst: eng})])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"  coordinator {coordinator.url}" in out  # found by the probe
+    assert "The coordinator cuts prompts into 256-token chunks, as configured." in out
+    assert f"matches {inst}: 256 tokens (l1/dram)" in out, out
+    assert "holds keys under model 'sim-model'" in out
+
+
+def test_doctor_names_the_model_the_coordinator_holds(
+    coordinator: RealCoordinator, feeder: Any, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inst, other = unique("doc-model"), f"/models/{unique('llama')}"
+    feeder.register(inst)
+    with fake_vllm_mp(feeder, inst, stores_as=other) as eng:
+        code = doctor.main([*_prompt(), "--settle", "1", "--cache-view", "coordinator",
+                            "--config", _config(tmp_path, coordinator.url, {"gpu-0": eng})])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 1
+    assert "[FAIL] Endpoint ids do not match the coordinator's instance ids" in out
+    assert "missing (configured, unknown to the coordinator): gpu-0" in out
+    assert f"{other!r}" in out and "none under 'sim-model'" in out

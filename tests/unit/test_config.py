@@ -79,6 +79,13 @@ def test_durations(text: object, seconds: float) -> None:
          "peer_timeout (1s) must exceed heartbeat (2s)"),
         ({"endpoints": EP, "state": {"channel": ""}}, "state.channel = ''"),
         ({"endpoints": EP, "state": {"redis": "x"}}, "unknown key 'state.redis'"),
+        ({"endpoints": EP, "cache_view": "gossip"}, "cache_view = 'gossip'"),
+        ({"endpoints": EP, "cache_view": "kv_events"},
+         "needs endpoints.0.kv_events_endpoint (endpoint 'vllm-instance-1' has none)"),
+        ({"endpoints": [{**EP[0], "kv_events_endpoint": "http://h:5557"}]},
+         "endpoints.0.kv_events_endpoint = 'http://h:5557'"),
+        ({"endpoints": EP, "cache_view": "coordinator"}, "needs cache_model"),
+        ({"endpoints": EP, "routing_lower_tier_cost": 1.5}, "routing_lower_tier_cost = 1.5"),
     ],
 )
 def test_bad_values_name_key_and_value(data: dict, needle: str) -> None:

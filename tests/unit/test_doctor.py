@@ -251,3 +251,234 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         doctor.main(["--controller", "http://x", "--endpoint", "no-url"])
     assert e.value.code == 2
+
+
+# --- the MP coordinator (--cache-view coordinator / auto) -----------------------------------
+
+
+class FakeCoordinator:
+    """The coordinator's routes the doctor reads, in its answer shapes (see
+    tests/unit/test_coordinator.py), over a tiny directory: instance -> (model, tokens)."""
+
+    def __init__(self, chunk: int = 256, pins: bool = True) -> None:
+        self.chunk = chunk
+        self.registered: list[str] = []
+        self.stored: dict[str, tuple[str, list[int]]] = {}
+        self.app = FastAPI()
+        app = self.app
+
+        @app.get("/healthz")
+        def healthz() -> dict[str, Any]:
+            return {"status": "healthy"}
+
+        @app.get("/instances")
+        def instances() -> dict[str, Any]:
+            return {"instances": [{"instance_id": i, "ip": "127.0.0.1", "http_port": 1,
+                                   "registration_time": 0.0, "metadata": {},
+                                   "p2p_advertised_url": "", "mq_port": 0}
+                                  for i in self.registered]}
+
+        @app.get("/directory/stats")
+        def stats() -> dict[str, Any]:
+            return {"num_keys": 0, "num_placements": 0, "l1_keys_by_instance": {
+                i: len(t) // self.chunk for i, (_, t) in self.stored.items()}}
+
+        @app.get("/directory/keys")
+        def keys() -> dict[str, Any]:
+            rows = [{"key": self._key(m, k, t), "placements": [], "num_tokens": self.chunk,
+                     "access_count": 0}
+                    for _, (m, t) in self.stored.items() for k in range(len(t) // self.chunk)]
+            return {"total": len(rows), "keys": rows}
+
+        @app.post("/directory/lookup")
+        def lookup(body: dict[str, Any]) -> dict[str, Any]:
+            toks, model, c = body["token_ids"], body["model_name"], self.chunk
+            results = []
+            for k in range(len(toks) // c):
+                end = (k + 1) * c
+                holders = [i for i, (m, t) in self.stored.items()
+                           if m == model and t[:end] == toks[:end]]
+                results.append({
+                    "key": self._key(model, k, toks),
+                    "placements": [{"instance_id": i, "incarnation": 0, "tier": "l1",
+                                    "backend": "dram", "size_bytes": 1, "shared": False}
+                                   for i in holders],
+                    "token_ids": toks[k * c:end], "access_count": 0})
+            return {"chunks": len(toks) // c, "results": results}
+
+        if pins:
+            @app.post("/cache/pins")
+            def pin(body: dict[str, Any]) -> dict[str, Any]:
+                return {"requested": 0, "affected": 0, "status": "pinned"}
+
+    @staticmethod
+    def _key(model: str, k: int, toks: list[int]) -> dict[str, Any]:
+        return {"chunk_hash_hex": f"{hash((k, tuple(toks[:1]))) & 0xffff:064x}",
+                "model_name": model, "kv_rank": 16777472, "object_group_id": 0,
+                "cache_salt": ""}
+
+
+def _fake_vllm(coord: FakeCoordinator, instance_id: str, stores_as: str = MODEL) -> FastAPI:
+    """/tokenize and /v1/models from the sim tokenizer; /v1/completions has the server's MP
+    server report the prompt under ``instance_id`` and model name ``stores_as``."""
+    from sim import tokenizer
+
+    app = FastAPI()
+
+    @app.post("/tokenize")
+    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+        toks = tokenizer.encode(body["prompt"], True)
+        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.post("/v1/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        coord.stored[instance_id] = (stores_as, tokenizer.encode(body["prompt"], True))
+        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
+
+    return app
+
+
+def _coord_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], coord: FakeCoordinator,
+    endpoint_ids: list[str], instance_id: str, *argv: str, stores_as: str = MODEL,
+    **config: Any,
+) -> tuple[int, str]:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(serve_app(coord.app))
+        eps = {i: stack.enter_context(serve_app(_fake_vllm(coord, instance_id, stores_as)))
+               for i in endpoint_ids}
+        return run(capsys, "--config", _config(tmp_path, url, eps, **config), *argv)
+
+
+def test_coordinator_healthy_found_by_the_probe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1")
+    assert code == 0, out
+    assert "  coordinator http://127.0.0.1:" in out  # auto: probed, not told
+    assert "[ok]   The MP coordinator at" in out
+    assert "Every endpoint id is a coordinator instance (inst-1)" in out
+    assert "cuts prompts into 256-token chunks" in out
+    assert "matches inst-1: 256 tokens (l1/dram)" in out
+    assert "holds keys under model 'sim-model'" in out
+    assert "fleet-wide" in out  # enable_pinning is on by default: pins are L2, fleet-wide
+
+
+def test_coordinator_instance_ids_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["mp-a", "mp-b"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["gpu-0"], "mp-a", "--cache-view",
+                           "coordinator")
+    assert code == 1
+    line = next(x for x in out.splitlines() if "Endpoint ids do not match" in x)
+    assert line.startswith("[FAIL]")
+    assert "missing (configured, unknown to the coordinator): gpu-0" in line
+    assert "extra (known, no endpoint): mp-a, mp-b" in line
+    assert "--instance-id" in out  # the fix
+
+
+def test_coordinator_one_missing_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1", "mp-x"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1", "typo-2"], "inst-1")
+    assert code == 0, out
+    assert ("[WARN] Endpoint ids and coordinator instances differ: missing (configured, "
+            "unknown to the coordinator): typo-2; extra (known, no endpoint): mp-x.") in out
+
+
+def test_coordinator_nobody_known(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _coord_run(tmp_path, capsys, FakeCoordinator(), ["inst-1"], "inst-1")
+    assert code == 1
+    assert "[FAIL] No MP server has registered with the coordinator" in out
+    assert "--coordinator-event-reporting" in out
+
+
+def test_coordinator_model_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1",
+                           stores_as="/models/llama-3-8b")
+    assert code == 1
+    assert "yet the coordinator's directory has no placement for it" in out
+    assert ("[FAIL] The directory holds keys only under '/models/llama-3-8b' (1 keys), none "
+            "under 'sim-model'") in out
+    assert "fix: Set the addon's coordinator model (--cache-model) to '/models/llama-3-8b'" in out
+
+
+def test_coordinator_cache_model_flag_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1", "--cache-model",
+                           "/models/llama-3-8b", stores_as="/models/llama-3-8b")
+    assert code == 0, out
+    assert "matches inst-1: 256 tokens" in out
+
+
+def test_coordinator_chunk_size_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator(chunk=128)
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1")
+    assert code == 0, out
+    assert "[WARN] The coordinator cut 1152 tokens into 9 chunks: its --chunk-size is about " \
+           "128, not 256" in out
+    assert "[WARN] Stored chunks hold [128] tokens, not 256" in out
+
+
+def test_coordinator_reporting_but_unregistered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.stored["inst-1"] = ("sim-model", list(range(300)))  # events, no registration
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1")
+    assert code == 0, out
+    assert "[WARN] Reporting cache events but not registered: inst-1." in out
+    assert "answers 404" in out
+
+
+def test_coordinator_actions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    coord = FakeCoordinator(pins=False)
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1", cache_strategy={
+        "enable_eviction": True, "enable_compression": True})
+    assert code == 0, out
+    assert "[ok]   Eviction uses the coordinator's targeted /cache/delete" in out
+    assert "[WARN] enable_compression is on, but the MP coordinator has no compress route" in out
+    assert "[WARN] enable_pinning is on, but this coordinator runs no eviction controller" in out
+    assert "/evict" not in out  # the legacy controller's checks are not run
+
+
+def test_coordinator_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with serve_app(_fake_vllm(FakeCoordinator(), "inst-1")) as eng:
+        code, out = run(capsys, "--cache-view", "coordinator", "--config",
+                        _config(tmp_path, _dead_url(), {"inst-1": eng}))
+    assert code == 1
+    assert "[FAIL] Cannot reach the MP coordinator at" in out
+    assert "mp_coordinator" in out
+
+
+def test_coordinator_json_names_the_view(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["target"]["view"] == "coordinator"
+    ids = next(c for c in data["checks"] if c["name"] == "instance_ids")
+    assert ids["data"]["registered"] == ["inst-1"] and ids["data"]["configured"] == ["inst-1"]

@@ -192,3 +192,30 @@ def test_a_spill_margin_keeps_requests_with_their_prefix_longer() -> None:
     assert choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(), **kw).endpoint_id == "e2"
     c = choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(spill_margin=2.0), **kw)
     assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+
+
+def test_a_lower_tier_hit_costs_a_load_but_beats_a_recompute() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+    p = PolicyParams()
+    load = {"e1": 100, "e2": 0, "e3": 0}
+    prefill = {"e1": 0, "e2": 0, "e3": 0}
+    # e1 holds 4096 tokens in GPU memory, e2 the same in CPU memory (KV events' medium): the
+    # GPU hit wins although e1 is a little busier ...
+    c = choose({"e1": 4096, "e2": 4096}, IDS, {}, lb, 4200, p, load_tokens=load,
+               prefill_tokens=prefill, lower_tier={"e2"})
+    assert (c.endpoint_id, c.matched_tokens) == ("e1", 4096)
+    # ... which it would not if both were GPU hits.
+    c = choose({"e1": 4096, "e2": 4096}, IDS, {}, lb, 4200, p, load_tokens=load,
+               prefill_tokens=prefill)
+    assert c.endpoint_id == "e2"
+    # A CPU hit still beats recomputing on an idle endpoint that holds nothing.
+    c = choose({"e2": 4096}, IDS, {}, lb, 4200, p, load_tokens={"e1": 0, "e2": 300, "e3": 0},
+               prefill_tokens={"e1": 0, "e2": 300, "e3": 0}, lower_tier={"e2"})
+    assert (c.endpoint_id, c.reason) == ("e2", "cache-hit")
+    # At cost 1 a lower-tier hit is worth nothing.
+    c = choose({"e2": 4096}, IDS, {}, lb, 4200, PolicyParams(lower_tier_cost=1.0, spill_margin=0),
+               load_tokens={"e1": 0, "e2": 300, "e3": 0},
+               prefill_tokens={"e1": 0, "e2": 300, "e3": 0}, lower_tier={"e2"})
+    assert c.endpoint_id != "e2"

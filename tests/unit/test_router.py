@@ -403,3 +403,19 @@ async def test_a_controller_as_slow_as_the_budget_is_slow_even_on_a_lagging_loop
     assert d.why == "proxy-saturated" and r.stats.late_lookups == 1
     await asyncio.sleep(0.2)
     assert r.slow_lookup.stats()["consecutive_failures"] == 1
+
+
+async def test_a_lower_tier_answer_loses_to_a_gpu_holder_of_as_much() -> None:
+    # The view says e1 holds the prompt in CPU memory, e2 on its GPU (KV events' medium):
+    # with e2 a little busier, the GPU copy still wins; told nothing of tiers, e1 would.
+    doc = tuple(range(4096))
+    lk = FakeLookup(LookupResult({"e1": 4096, "e2": 4096}, lower_tier=frozenset({"e1"})))
+    r = make(lk, policy=PolicyParams(spill_margin=0))
+    busy = await r.route(ids_req(tuple(range(10**6, 10**6 + 300)), "busy"))
+    r.started("b", dataclasses.replace(busy, endpoint_id="e2"))
+    r.first_byte("b")
+    d = await r.route(ids_req(doc + (1,) * 100, "t"))
+    assert (d.endpoint_id, d.reason) == ("e2", "cache-hit")
+    lk.answer = LookupResult({"e1": 4096, "e2": 4096})
+    d = await r.route(ids_req(doc + (1,) * 100, "t2"))
+    assert d.endpoint_id == "e1"
