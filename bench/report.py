@@ -36,6 +36,9 @@ POLICY_NOTES = {
     "ours[no-stream]": "the addon with clients that do not stream: between routing and the "
                        "end of a response it learns only what the engines' metrics say",
     "ours[half-stream]": "the addon with every other client streaming",
+    "ours[kv-events]": "the addon with `cache_view: kv_events`: each engine's own prefix "
+                       "cache as its KV events tell it (block by block, no controller lag) "
+                       "instead of the controller lookup",
     "ours[no-stream,no-metrics]": "the addon with clients that do not stream and engine "
                                   "metrics off (`engine_metrics_interval: 0s`): it learns "
                                   "nothing until a response ends",

@@ -14,8 +14,9 @@ model come from there, each overridable by a flag) and it checks, in order:
 5. the cache-management settings: ``/evict`` (absent from every LMCache release) and
    ``compress_method`` (workers only know cachegen).
 
-When the URL serves LMCache's MP coordinator instead (``--cache-view auto``, the default,
-probes it; ``--cache-view coordinator`` forces it), the same questions are asked of it:
+When the URL serves LMCache's MP coordinator instead (the doctor probes it, and says so in
+one line if the config's ``cache_view`` names the other; ``--cache-view coordinator`` skips
+the probe), the same questions are asked of it:
 ``/healthz``; the instances it knows (registered, or reporting cache events) against the
 endpoint ids; the chunk size it cuts prompts into; a served probe prompt found by
 ``/directory/lookup`` under the configured model (and, if not, under which model names the
@@ -433,6 +434,8 @@ class CoordinatorDoctor(Doctor):
         super().__init__(target, prompt, **kw)
         self.kv_model = kv_model
         self.chunk = chunk_size
+        self.co_world_size = world_size
+        self.co_salt = cache_salt
         self.co = Coordinator(target.controller, kv_model, world_size=world_size,
                               cache_salt=cache_salt, chunk_size=chunk_size)
 
@@ -453,10 +456,12 @@ class CoordinatorDoctor(Doctor):
             known = self.check_coordinator_instances()
             self.check_chunk_size()
         tokens = self.check_tokenize()
+        found: bool | None = None
         if up and tokens is not None and known != set():
-            self.check_directory_lookup(tokens, known)
+            found = self.check_directory_lookup(tokens, known)
         if up:
-            self.check_model()
+            # A prompt that was served but not found: say under what it was stored.
+            self.check_model(tokens if found is False else None)
             self.check_actions()
         return self.checks
 
@@ -555,9 +560,10 @@ class CoordinatorDoctor(Doctor):
                  "Run the coordinator and every MP server with the same --chunk-size and set "
                  "the addon's chunk size to it.", chunks=chunks, tokens=n)
 
-    def check_directory_lookup(self, tokens: list[int], known: set[str] | None) -> None:
+    def check_directory_lookup(self, tokens: list[int], known: set[str] | None) -> bool | None:
+        """True: the prompt was found; False: served and not found; None: not tested."""
         if len(tokens) < self.chunk:
-            return
+            return None
         served = self._warm(known) if self.warmup else None
         target = served if served and known and served in known else None
         deadline = time.monotonic() + (self.settle if served else 0.0)
@@ -567,7 +573,7 @@ class CoordinatorDoctor(Doctor):
             except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
                 self.add("lookup", "fail", f"/directory/lookup with the prompt's {len(tokens)} "
                          f"tokens failed ({type(e).__name__}: {e}).")
-                return
+                return None
             done = (target in res.matches) if target else bool(res.matches)
             # MP servers flush events about once a second: wait for the flush.
             if done or time.monotonic() >= deadline:
@@ -582,7 +588,8 @@ class CoordinatorDoctor(Doctor):
                                             for i, n in sorted(res.matches.items()))
                      + ("" if routable else f"; {best} is no configured endpoint"),
                      matches=res.matches)
-        elif served:
+            return True
+        if served:
             self.add("lookup", "fail", f"The probe prompt ({len(tokens)} tokens) was served "
                      f"by {served}, yet the coordinator's directory has no placement for it "
                      f"under model {self.kv_model!r} after {self.settle:g} s: its MP server does "
@@ -592,15 +599,50 @@ class CoordinatorDoctor(Doctor):
                      "--chunk-size/--hash-algorithm as the coordinator, and set the addon's "
                      "model to the name vLLM passes to LMCache (see the model line below).",
                      tokens=len(tokens))
-        elif not self.warmup:
+            return False
+        if not self.warmup:
             self.add("lookup", "info", f"No instance holds the {len(tokens)}-token probe "
                      "prompt (it was not sent: --no-warmup). Whether keys agree is untested.",
                      "Run without --no-warmup to serve it once and look again.",
                      tokens=len(tokens))
+        return None
 
-    def check_model(self) -> None:
+    def _prompt_rows(self, tokens: list[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The directory rows of the prompt's chunks under ANY model, salt or world size: a
+        chunk hash depends on the tokens only, the rest of the key is what a lookup names."""
         try:
-            rows = self.co.keys(self.timeout)
+            r = self.http.post(self.t.controller + "/directory/lookup", json={
+                "token_ids": tokens, "model_name": self.kv_model})
+            hashes = {x["key"]["chunk_hash_hex"] for x in r.json()["results"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return []
+        return [row for row in rows if row["key"].get("chunk_hash_hex") in hashes]
+
+    def _stored_under(self, prompt_rows: list[dict[str, Any]], data: dict[str, Any]) -> None:
+        """One FAIL naming the key field the served prompt was stored under differently."""
+        key = prompt_rows[0]["key"]
+        holders = sorted({str(p.get("instance_id")) for row in prompt_rows
+                          for p in row.get("placements", []) if isinstance(p, dict)})
+        by = f" (held by {_names(holders)})" if holders else ""
+        model, salt = key.get("model_name"), key.get("cache_salt", "")
+        if model != self.kv_model:
+            self.add("model", "fail", f"The probe prompt's chunks are in the directory under "
+                     f"model {model!r}{by}, not {self.kv_model!r}, the model the addon looks up "
+                     "with: keys hash the model name, so every lookup comes back empty.",
+                     f"Set the addon's coordinator model (--cache-model) to {model!r}.", **data)
+        elif salt != self.co_salt:
+            self.add("model", "fail", f"The probe prompt's chunks are stored under cache salt "
+                     f"{salt!r}{by}, not {self.co_salt!r}: no lookup of the addon matches.",
+                     "Set the addon's coordinator cache_salt to the servers' one.", **data)
+        else:
+            self.add("model", "fail", f"The probe prompt's chunks are stored for model "
+                     f"{model!r}{by} with kv_rank {key.get('kv_rank')}: another world size "
+                     f"than the addon's {self.co_world_size}, so no lookup matches.",
+                     "Set the addon's coordinator world_size to the servers' TP x PP.", **data)
+
+    def check_model(self, unfound_prompt: list[int] | None = None) -> None:
+        try:
+            rows = self.co.keys(self.timeout, limit=10000)
         except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
             self.add("model", "warn", f"Could not list the directory's keys ({type(e).__name__}:"
                      f" {e}).")
@@ -608,7 +650,10 @@ class CoordinatorDoctor(Doctor):
         models = Counter(str(r["key"].get("model_name", "")) for r in rows)
         sizes = sorted({int(r.get("num_tokens") or 0) for r in rows} - {0})
         data = {"models": dict(models), "chunk_tokens": sizes}
-        if not models:
+        prompt_rows = self._prompt_rows(unfound_prompt, rows) if unfound_prompt else []
+        if prompt_rows:
+            self._stored_under(prompt_rows, data)
+        elif not models:
             self.add("model", "info", "The coordinator's directory is empty: which model "
                      "name the MP servers store under cannot be checked yet.", **data)
         elif self.kv_model in models:
@@ -687,50 +732,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait for a served prompt to reach the controller")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--cache-view", choices=("auto", "controller", "coordinator"),
+    p.add_argument("--cache-view", choices=("controller", "coordinator"),
                    help="what --controller serves: the legacy LMCache controller or the MP "
-                   "coordinator (default: the config's cache_view, else probe it)")
+                   "coordinator (default: probe it, and compare with the config's cache_view)")
     p.add_argument("--cache-model", help="model name the MP coordinator's keys are hashed "
-                   "with (default: the config's coordinator model, else --model)")
+                   "with (default: the config's cache_model, else --model / default_model)")
     p.add_argument("--chunk-size", type=int,
                    help="the MP coordinator's tokens per chunk (default 256)")
     return p
 
 
 def _coordinator_settings(cfg: KVCacheConfig | None) -> dict[str, Any]:
-    """The config's coordinator settings, read leniently: a `coordinator:` section (model,
-    world_size, cache_salt, chunk_size) and `cache_view`, when the config has them."""
-    section = getattr(cfg, "coordinator", None)
-
-    def get(name: str, default: Any) -> Any:
-        value = getattr(section, name, None)
-        if value is None and isinstance(section, dict):
-            value = section.get(name)
-        return default if value in (None, "") else value
-
+    """The config's cache-view settings. ``cache_world_size``, ``cache_salt`` and
+    ``cache_chunk_size`` are read only if the config grows them (defaults otherwise)."""
     return {"cache_view": getattr(cfg, "cache_view", None) or "auto",
-            "model": get("model", ""), "world_size": int(get("world_size", 1)),
-            "cache_salt": str(get("cache_salt", "")),
-            "chunk_size": int(get("chunk_size", CHUNK))}
+            "model": getattr(cfg, "cache_model", "") or "",
+            "world_size": int(getattr(cfg, "cache_world_size", 1) or 1),
+            "cache_salt": str(getattr(cfg, "cache_salt", "") or ""),
+            "chunk_size": int(getattr(cfg, "cache_chunk_size", CHUNK) or CHUNK)}
 
 
 def _doctor(target: Target, args: argparse.Namespace) -> Doctor:
-    """The legacy doctor or the coordinator one, for what the controller URL serves."""
+    """The legacy doctor or the coordinator one, for what the controller URL serves.
+
+    --cache-view forces one. Otherwise the URL is probed, so that a config naming the
+    wrong view is itself reported (one FAIL) and the checks of what is there still run.
+    """
     co = _coordinator_settings(target.config)
     common: dict[str, Any] = dict(warmup=not args.no_warmup, timeout=args.timeout,
                                   settle=args.settle, prompt_given=args.prompt is not None)
     prompt = args.prompt or DEFAULT_PROMPT
-    view = args.cache_view or co["cache_view"]
-    if view == "auto":
-        # A URL that answers neither way goes to the legacy checks, which say why.
-        view = probe_view(target.controller, args.timeout) or "controller"
-    if view != "coordinator":
-        return Doctor(target, prompt, **common)
-    target.view = "coordinator"
-    return CoordinatorDoctor(
-        target, prompt, kv_model=args.cache_model or co["model"] or target.model,
-        chunk_size=args.chunk_size or co["chunk_size"], world_size=co["world_size"],
-        cache_salt=co["cache_salt"], **common)
+    configured = co["cache_view"]
+    view, served = args.cache_view, None
+    if view is None and configured in ("auto", "controller", "coordinator"):
+        served = probe_view(target.controller, args.timeout)
+        # A URL that answers neither way gets the configured view's checks, which say why.
+        view = served or ("controller" if configured == "auto" else configured)
+    doctor: Doctor
+    if view == "coordinator":
+        target.view = "coordinator"
+        doctor = CoordinatorDoctor(
+            target, prompt, kv_model=args.cache_model or co["model"] or target.model,
+            chunk_size=args.chunk_size or co["chunk_size"], world_size=co["world_size"],
+            cache_salt=co["cache_salt"], **common)
+    else:
+        doctor = Doctor(target, prompt, **common)
+    if served and configured not in ("auto", served):
+        doctor.add("cache_view", "fail", f"{target.controller} serves LMCache's "
+                   f"{'MP coordinator' if served == 'coordinator' else 'legacy controller'}, "
+                   f"but the config says cache_view: {configured}: the addon would ask it the "
+                   "wrong questions and never route by cache.",
+                   f"Set cache_view: {served} (or auto).", served=served, configured=configured)
+    return doctor
 
 
 def _target(args: argparse.Namespace, p: argparse.ArgumentParser) -> Target | Check:

@@ -158,7 +158,7 @@ def test_doctor_on_a_real_coordinator(
     feeder.register(inst)
     with fake_vllm_mp(feeder, inst) as eng:
         code = doctor.main([*_prompt(), "--config",
-                            _config(tmp_path, coordinator.url, {inst: eng})])
+                            _coord_config(tmp_path, coordinator.url, {inst: eng})])
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"  coordinator {coordinator.url}" in out  # found by the probe
@@ -175,10 +175,23 @@ def test_doctor_names_the_model_the_coordinator_holds(
     feeder.register(inst)
     with fake_vllm_mp(feeder, inst, stores_as=other) as eng:
         code = doctor.main([*_prompt(), "--settle", "1", "--cache-view", "coordinator",
-                            "--config", _config(tmp_path, coordinator.url, {"gpu-0": eng})])
+                            "--config", _coord_config(tmp_path, coordinator.url,
+                                                      {"gpu-0": eng})])
     out = capsys.readouterr().out
     print(out)
     assert code == 1
     assert "[FAIL] Endpoint ids do not match the coordinator's instance ids" in out
     assert "missing (configured, unknown to the coordinator): gpu-0" in out
-    assert f"{other!r}" in out and "none under 'sim-model'" in out
+    # The prompt's chunk hashes do not depend on the model: found under the other one.
+    assert (f"[FAIL] The probe prompt's chunks are in the directory under model {other!r} "
+            f"(held by {inst}), not 'sim-model'") in out
+    assert f"fix: Set the addon's coordinator model (--cache-model) to {other!r}" in out
+
+
+def _coord_config(tmp_path: Path, url: str, endpoints: dict[str, str]) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "lmcache_endpoint": url, "default_model": MODEL, "cache_view": "auto",
+        "endpoints": [{"id": i, "url": u} for i, u in endpoints.items()],
+    }))
+    return str(path)

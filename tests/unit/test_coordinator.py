@@ -62,6 +62,8 @@ def test_two_holders_with_different_prefixes() -> None:
     r = parse_directory_lookup(answer(result(0, "a", "b"), result(1, "a")), 600)
     assert r.matches == {"a": 512, "b": 256}
     assert max(r.matches, key=r.matches.__getitem__) == "a"
+    # LMCache's tiers all sit below the engine's GPU: every match must be loaded first.
+    assert r.lower_tier == {"a", "b"}
 
 
 def test_a_gap_ends_the_run() -> None:

@@ -285,9 +285,9 @@ class FakeCoordinator:
 
         @app.get("/directory/keys")
         def keys() -> dict[str, Any]:
-            rows = [{"key": self._key(m, k, t), "placements": [], "num_tokens": self.chunk,
-                     "access_count": 0}
-                    for _, (m, t) in self.stored.items() for k in range(len(t) // self.chunk)]
+            rows = [{"key": self._key(m, k, t), "placements": [self._placement(i)],
+                     "num_tokens": self.chunk, "access_count": 0}
+                    for i, (m, t) in self.stored.items() for k in range(len(t) // self.chunk)]
             return {"total": len(rows), "keys": rows}
 
         @app.post("/directory/lookup")
@@ -300,9 +300,7 @@ class FakeCoordinator:
                            if m == model and t[:end] == toks[:end]]
                 results.append({
                     "key": self._key(model, k, toks),
-                    "placements": [{"instance_id": i, "incarnation": 0, "tier": "l1",
-                                    "backend": "dram", "size_bytes": 1, "shared": False}
-                                   for i in holders],
+                    "placements": [self._placement(i) for i in holders],
                     "token_ids": toks[k * c:end], "access_count": 0})
             return {"chunks": len(toks) // c, "results": results}
 
@@ -312,8 +310,14 @@ class FakeCoordinator:
                 return {"requested": 0, "affected": 0, "status": "pinned"}
 
     @staticmethod
+    def _placement(inst: str) -> dict[str, Any]:
+        return {"instance_id": inst, "incarnation": 0, "tier": "l1", "backend": "dram",
+                "size_bytes": 1, "shared": False}
+
+    @staticmethod
     def _key(model: str, k: int, toks: list[int]) -> dict[str, Any]:
-        return {"chunk_hash_hex": f"{hash((k, tuple(toks[:1]))) & 0xffff:064x}",
+        # Like the real one: the chunk hash depends on the tokens only, never the model.
+        return {"chunk_hash_hex": f"{hash((k, tuple(toks[:(k + 1) * 256]))) & 0xffffff:064x}",
                 "model_name": model, "kv_rank": 16777472, "object_group_id": 0,
                 "cache_salt": ""}
 
@@ -349,6 +353,7 @@ def _coord_run(
 ) -> tuple[int, str]:
     import contextlib
 
+    config.setdefault("cache_view", "auto")
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(serve_app(coord.app))
         eps = {i: stack.enter_context(serve_app(_fake_vllm(coord, instance_id, stores_as)))
@@ -370,6 +375,40 @@ def test_coordinator_healthy_found_by_the_probe(
     assert "matches inst-1: 256 tokens (l1/dram)" in out
     assert "holds keys under model 'sim-model'" in out
     assert "fleet-wide" in out  # enable_pinning is on by default: pins are L2, fleet-wide
+
+
+def test_config_naming_the_other_view_is_one_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1",
+                           cache_view="controller")
+    assert code == 1
+    assert out.count("[FAIL]") == 1, out
+    assert "serves LMCache's MP coordinator, but the config says cache_view: controller" in out
+    assert "fix: Set cache_view: coordinator (or auto)." in out
+    assert "matches inst-1: 256 tokens" in out  # the coordinator's checks still ran
+
+
+def test_config_saying_coordinator_for_a_legacy_controller(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run(capsys, "--config", _config(tmp_path, cluster.controller_url,
+                                                cluster.engine_urls, cache_view="coordinator"))
+    assert code == 1
+    assert "serves LMCache's legacy controller, but the config says cache_view: " \
+           "coordinator" in out
+    assert "Every endpoint id is a controller instance id" in out
+
+
+def test_cache_model_from_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1",
+                           stores_as="/models/llama-3-8b", cache_model="/models/llama-3-8b")
+    assert code == 0, out
+    assert "(model '/models/llama-3-8b') matches inst-1: 256 tokens" in out
 
 
 def test_coordinator_instance_ids_in_one_line(
@@ -412,9 +451,21 @@ def test_coordinator_model_mismatch(tmp_path: Path, capsys: pytest.CaptureFixtur
                            stores_as="/models/llama-3-8b")
     assert code == 1
     assert "yet the coordinator's directory has no placement for it" in out
-    assert ("[FAIL] The directory holds keys only under '/models/llama-3-8b' (1 keys), none "
-            "under 'sim-model'") in out
+    assert ("[FAIL] The probe prompt's chunks are in the directory under model "
+            "'/models/llama-3-8b' (held by inst-1), not 'sim-model'") in out
     assert "fix: Set the addon's coordinator model (--cache-model) to '/models/llama-3-8b'" in out
+
+
+def test_coordinator_directory_under_another_model_without_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = FakeCoordinator()
+    coord.registered = ["inst-1"]
+    coord.stored["inst-1"] = ("/models/llama-3-8b", list(range(600)))
+    code, out = _coord_run(tmp_path, capsys, coord, ["inst-1"], "inst-1", "--no-warmup")
+    assert code == 1
+    assert ("[FAIL] The directory holds keys only under '/models/llama-3-8b' (2 keys), none "
+            "under 'sim-model'") in out
 
 
 def test_coordinator_cache_model_flag_fixes_it(

@@ -294,8 +294,10 @@ async def test_view_lookup() -> None:
     idx = KVBlockIndex()
     p = toks(12)
     idx.stored("A", [1, 2, 3], None, p, BS, "CPU")
+    idx.stored("B", [1, 2], None, p[:8], BS, "GPU")
     res = await KVEventsView(idx).lookup(p, 0.05)
-    assert res.matches == {"A": 12} and res.locations == {"A": "CPU"}
+    assert res.matches == {"A": 12, "B": 8} and res.locations == {"A": "CPU", "B": "GPU"}
+    assert res.lower_tier == frozenset({"A"})
 
 
 # -- the subscriber over real ZMQ ------------------------------------------------------------
