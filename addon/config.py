@@ -159,6 +159,9 @@ class EndpointConfig(_Section):
     # Where this server publishes its vLLM KV cache events (`--kv-events-config`'s
     # "endpoint", e.g. tcp://10.0.0.5:5557); needed by `cache_view: kv_events`.
     kv_events_endpoint: str = ""
+    # The server connects to the proxy instead (its --kv-events-config endpoint is a plain
+    # tcp://proxy-host:port, which vLLM connects to): the proxy binds kv_events_endpoint.
+    kv_events_bind: bool = False
 
     @field_validator("kv_events_endpoint")
     @classmethod
@@ -210,6 +213,11 @@ class KVCacheConfig(_Section):
     cache_model: str = ""
     # ZMQ topic the engines publish KV events on ("" subscribes to every topic).
     kv_events_topic: str = ""
+    # A publisher whose connection closes, or that answers no ZMTP heartbeat for this long,
+    # has its view dropped (a server that died or restarted: its cache is gone).
+    kv_events_stale_after: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 1.0
+    # Blocks remembered per endpoint (the oldest stored are dropped beyond).
+    kv_events_max_blocks: Positive = 100_000
     default_model: str = ""
     request_timeout: Duration = 2.0
     lookup_routing_timeout: Duration = 0.05

@@ -140,9 +140,11 @@ class KVCache:
             if cfg.health_check_path:
                 self._spawn(self._health_checks(self.parts))
         ids = [ep.id for ep in cfg.endpoints]
+        where = ("their vLLM KV cache events" if self.parts.view == "kv_events" else
+                 f"the LMCache {self.parts.view} at {cfg.lmcache_endpoint}")
         logger.info(
-            f"[kvcache] routing {len(ids)} endpoints ({', '.join(ids)}) by LMCache at "
-            f"{cfg.lmcache_endpoint}; budget {cfg.lookup_routing_timeout * 1000:.0f} ms, "
+            f"[kvcache] routing {len(ids)} endpoints ({', '.join(ids)}) by {where}; "
+            f"budget {cfg.lookup_routing_timeout * 1000:.0f} ms, "
             f"fallback {cfg.load_balancing}{'' if cfg.enabled else '; cache routing disabled'}"
         )
         if self.parts.replicas is not None:
@@ -458,6 +460,12 @@ class KVCache:
                 "link": asdict(parts.link.stats), "staleness_ms": parts.link.staleness_ms(),
                 **asdict(parts.replicas.stats),
             }
+        if parts is not None:
+            out["cache_view"] = parts.view
+        if parts is not None and parts.kv_subscriber is not None and parts.kv_index is not None:
+            out["kv_events"] = {"subscriber": asdict(parts.kv_subscriber.stats),
+                                "index": asdict(parts.kv_index.stats),
+                                "endpoints": parts.kv_index.endpoints()}
         if self.manager is not None:
             out["manager"] = self.manager.stats_dict()
             out["breakers"] = {

@@ -25,6 +25,7 @@ from cachetools import TTLCache
 
 from addon.background import Job
 from addon.config import CacheStrategyConfig
+from addon.coordinator import Coordinator
 from addon.lmcache import LMCache
 from addon.request import LLMRequest
 from addon.resilience import (
@@ -72,7 +73,7 @@ class CacheManager:
         tokenizer_url: str,
         endpoint_urls: dict[str, str],
         engine: Engine,
-        lmcache: LMCache,
+        lmcache: LMCache | Coordinator,
         token_cache: TokenCache | None,
         tokenizer_breaker: CircuitBreaker,
         controller_breaker: CircuitBreaker,

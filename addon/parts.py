@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addon.background import BackgroundPool
-from addon.config import KVCacheConfig, policy_params
+from addon.config import CacheStrategyConfig, KVCacheConfig, policy_params
+from addon.coordinator import AsyncCoordinator, Coordinator, probe_view
 from addon.engine_metrics import EngineReading, EngineScraper
 from addon.health import OutlierSettings
+from addon.kv_events import (
+    KVBlockIndex,
+    KVEventsSource,
+    KVEventsSubscriber,
+    KVEventsView,
+    KVUpdate,
+    apply_update,
+)
 from addon.lmcache import AsyncLMCache, LMCache
 from addon.manager import CacheManager, ManagerSettings
 from addon.policy import EndpointState, LoadBalancer
@@ -53,6 +62,11 @@ class Parts:
     # (not started: `start_threads` needs the running loop).
     replicas: ReplicaSync | None = None
     link: Any = None
+    # The cache view routing asks ("controller", "coordinator" or "kv_events"), and with
+    # kv_events the index its subscriber feeds (not started: `start_threads` starts it).
+    view: str = "controller"
+    kv_index: KVBlockIndex | None = None
+    kv_subscriber: KVEventsSubscriber | None = None
 
     def start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the background readers (engine metrics, the replicas' link); what they
@@ -60,6 +74,32 @@ class Parts:
         self.start_scraper(loop)
         if self.link is not None and self.replicas is not None:
             self.link.start(loop, self.replicas)
+        if self.kv_subscriber is not None and self.kv_index is not None:
+            self._start_kv_events(loop, self.kv_subscriber, self.kv_index)
+
+    def _start_kv_events(self, loop: asyncio.AbstractEventLoop, sub: KVEventsSubscriber,
+                         index: KVBlockIndex) -> None:
+        router = self.router
+
+        def apply(u: KVUpdate) -> None:
+            apply_update(index, u)
+            if u.reset in ("disconnected", "restart") or (u.fresh and u.seq == 0):
+                # Its server went away or came back empty: the proxy's own memory of what
+                # finished there is as stale as the view.
+                router.cache_lost(u.endpoint)
+
+        def deliver(u: KVUpdate) -> None:
+            try:
+                loop.call_soon_threadsafe(apply, u)
+            except RuntimeError:
+                pass  # the loop closed: mitmproxy is shutting down
+
+        sub.deliver = deliver
+        try:
+            sub.start()
+        except Exception as e:  # a port to bind taken: route from the proxy's own memory
+            logger.warning(f"[kvcache] kv events: cannot subscribe ({type(e).__name__}: "
+                           f"{e}); routing from the proxy's own memory only")
 
     def start_scraper(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start reading the engines' metrics; readings are applied on `loop` (the router
@@ -91,6 +131,8 @@ class Parts:
         if self.link is not None:
             self.link.stop()
             self.link = None
+        if self.kv_subscriber is not None:
+            self.kv_subscriber.stop()
         for c in self.closers:
             if hasattr(c, "aclose"):
                 try:
@@ -121,10 +163,18 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
     tokenizer_breaker = CircuitBreaker(
         cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, name="tokenizer")
     failure_log = RateLimitedLog()
-    lmcache = AsyncLMCache(cfg.lmcache_endpoint)
+    view, lmcache, lmcache_bg, cs = _cache_view(cfg)
+    kv_index = kv_subscriber = None
+    if view == "kv_events":
+        kv_index = KVBlockIndex(cfg.kv_events_max_blocks)
+        lmcache = KVEventsView(kv_index)
+        kv_subscriber = KVEventsSubscriber(
+            {ep.id: KVEventsSource(ep.kv_events_endpoint, cfg.kv_events_topic,
+                                   ep.kv_events_bind) for ep in cfg.endpoints},
+            deliver=lambda u: None, stale_after=cfg.kv_events_stale_after,
+            failure_log=failure_log)
     tokenizer = AsyncTokenizer(cfg.vllm_endpoint) if cfg.tokenize_on_request_path else None
     engine = Engine()
-    lmcache_bg = LMCache(cfg.lmcache_endpoint)
     router = Router(
         budget=cfg.lookup_routing_timeout, state=state,
         balancer=LoadBalancer(cfg.load_balancing), token_cache=token_cache,
@@ -134,7 +184,6 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
         probe_timeout=cfg.request_timeout, tokenize_max_chars=cfg.tokenize_max_chars,
         lag=lag, busy=busy, answer_ttl=cfg.lookup_reuse_ttl,
     )
-    cs = cfg.cache_strategy
     if warning := validate_compress_method(cs.compress_method):
         logger.warning(f"[kvcache] {warning}")
     manager = CacheManager(
@@ -154,10 +203,12 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
     replicas, link = _shared_state(cfg, router, failure_log)
     return Parts(
         cfg=cfg, state=state, router=router, manager=manager, replicas=replicas, link=link,
+        view=view, kv_index=kv_index, kv_subscriber=kv_subscriber,
         pool=BackgroundPool(cfg.background.workers, cfg.background.queue_size),
         hotness=Hotness(cfg.hot_window, cfg.hot_max_records), token_cache=token_cache,
         failure_log=failure_log,
-        closers=[lmcache, engine, lmcache_bg] + ([tokenizer] if tokenizer else []),
+        closers=[c for c in (lmcache, engine, lmcache_bg, tokenizer)
+                 if c is not None and (hasattr(c, "aclose") or hasattr(c, "close"))],
         by_address={(ep.host, ep.port): ep.id for ep in cfg.endpoints},
         targets={ep.id: (ep.scheme, ep.host, ep.port) for ep in cfg.endpoints},
         scraper=EngineScraper(
@@ -187,3 +238,36 @@ def _shared_state(
                      failure_log=failure_log)
     sync = ReplicaSync(router, name, link.send, peer_timeout=st.peer_timeout)
     return sync, link
+
+
+def _cache_view(cfg: KVCacheConfig) -> tuple[str, Any, Any, CacheStrategyConfig]:
+    """The view routing asks, its request-path client, the background manager's client and
+    the cache strategy that view can carry out."""
+    cs = cfg.cache_strategy
+    view = cfg.cache_view
+    if view == "kv_events":
+        # No LMCache to act on: the engines' own caches only tell, they take no orders.
+        if cs.enable_pinning or cs.enable_compression or cs.enable_eviction:
+            logger.info("[kvcache] cache_view kv_events: no LMCache controller, so no "
+                        "pinning, compression or eviction")
+        off = cs.model_copy(update={"enable_pinning": False, "enable_compression": False,
+                                    "enable_eviction": False})
+        return view, None, LMCache(cfg.lmcache_endpoint), off
+    if view == "auto":
+        # Once, at start-up (a blocking second at most): what lmcache_endpoint serves.
+        found = probe_view(cfg.lmcache_endpoint, min(cfg.request_timeout, 1.0))
+        view = found or "controller"
+        logger.info(f"[kvcache] cache_view auto: {cfg.lmcache_endpoint} "
+                    + (f"is an LMCache {found}" if found else
+                       "did not answer; using it as an LMCache controller"))
+    if view == "coordinator":
+        model = cfg.cache_model or cfg.default_model
+        if cs.enable_pinning or cs.enable_compression:
+            # The coordinator has no compression, and its pins are fleet-wide and never
+            # lifted by the strategy: only its targeted delete is used.
+            logger.info("[kvcache] cache_view coordinator: eviction by /cache/delete on the "
+                        "holder; no pinning or compression")
+        off = cs.model_copy(update={"enable_pinning": False, "enable_compression": False})
+        return (view, AsyncCoordinator(cfg.lmcache_endpoint, model),
+                Coordinator(cfg.lmcache_endpoint, model), off)
+    return "controller", AsyncLMCache(cfg.lmcache_endpoint), LMCache(cfg.lmcache_endpoint), cs

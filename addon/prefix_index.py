@@ -326,6 +326,11 @@ class PrefixIndex:
                 break
             self.prefill_done(rid)
 
+    def forget_recent(self, endpoint: str) -> None:
+        """The endpoint's cache is gone (its server restarted): what finished there no
+        longer counts as held."""
+        self._recent.pop(endpoint, None)
+
     def engine_lost(self, endpoint: str) -> None:
         """No current report for `endpoint`: forget its foreign traffic (the proxy's own
         view alone is in charge again)."""

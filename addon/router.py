@@ -251,6 +251,13 @@ class Router:
         """The engine's metrics could not be read: the proxy's own view alone counts."""
         self.index.engine_lost(endpoint_id)
 
+    def cache_lost(self, endpoint_id: str) -> None:
+        """The endpoint's server restarted (its KV events say so): its prefix cache is
+        empty, so neither what finished there nor the turns it served count as held."""
+        self.index.forget_recent(endpoint_id)
+        for key in [k for k, (e, _) in self._served.items() if e == endpoint_id]:
+            del self._served[key]
+
     def finished(self, rid: Hashable, endpoint_id: str) -> None:
         """The response ended or failed."""
         self.state.finish(endpoint_id)
