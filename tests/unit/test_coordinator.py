@@ -337,3 +337,29 @@ def test_probe_needs_the_directory_not_just_healthz() -> None:
             return httpx.Response(200, json={"status": "healthy"})
         return httpx.Response(404)
     assert probe_view("http://x", 1.0, transport=httpx.MockTransport(h)) is None
+
+
+async def test_a_wrong_shape_answer_fails_open_through_the_router(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What the request hook sees: the coordinator answers something else (a legacy
+    # controller's layout, say); the request is load-balanced, the reason and a log say why.
+    import logging
+
+    from addon.policy import EndpointState, LoadBalancer
+    from addon.request import LLMRequest
+    from addon.resilience import CircuitBreaker, RateLimitedLog
+    from addon.router import Router
+
+    h = lambda r: httpx.Response(200, json={"layout_info": {"a": ["cpu", 512]}})  # noqa: E731
+    r = Router(budget=1.0, state=EndpointState(["a", "b"], 10),
+               balancer=LoadBalancer("least_inflight"), token_cache=None,
+               lmcache=AsyncCoordinator("http://coord", MODEL, transport=httpx.MockTransport(h)),
+               tokenizer=None, controller_breaker=CircuitBreaker(3, 10, 1),
+               tokenizer_breaker=CircuitBreaker(3, 10, 1), failure_log=RateLimitedLog())
+    with caplog.at_level(logging.WARNING, logger="addon.router"):
+        d = await r.route(LLMRequest("/v1/completions", MODEL, "", "k", "completion",
+                                     token_ids=tuple(range(600))))
+    assert (d.reason, d.why) == ("least_inflight", "lookup-bad-answer")
+    assert any("LMCache lookup failed (bad-answer)" in rec.getMessage()
+               for rec in caplog.records)
