@@ -14,7 +14,9 @@ follow (and a discrete-event benchmark should follow too) is:
 3. ``plan = engine.begin(prompt, n_out, running)`` (cache lookup + insert + counters), then
    ``plan.prefill_s`` elapses; the first output token is produced at its end, so
    TTFT = queueing + prefill. The prefill unit is released; ``plan.admitted_chunks`` /
-   ``plan.evicted_chunks`` are what an LMCache worker would report to the controller now.
+   ``plan.evicted_chunks`` are what an LMCache worker would report to the controller now;
+   ``plan.stored_blocks`` / ``plan.evicted_blocks`` (over ``plan.block_hashes``) are what
+   vLLM's KV cache events report (BlockStored / BlockRemoved; ``sim.kv_events``).
 4. The remaining ``n_out - 1`` tokens come one per ``plan.decode_step_s``
    (``plan.decode_s`` in all), then the slot is released.
 """
@@ -97,7 +99,9 @@ class PrefixCache:
     Blocks in use by running requests are not modelled (everything is evictable).
 
     The cache also tracks which 256-token LMCache chunks it holds in full, so a caller can
-    report admitted/evicted chunks to the controller like an LMCache worker would.
+    report admitted/evicted chunks to the controller like an LMCache worker would; and,
+    after each insert, which blocks it stored (``last_stored``: indices into the inserted
+    blocks) and evicted (``last_evicted``: block hashes), what vLLM's KV cache events say.
     """
 
     def __init__(self, capacity_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -113,6 +117,8 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._held: dict[int, tuple[int, ...]] = {}
         self._block_chunks: dict[int, set[int]] = {}
+        self.last_stored: list[int] = []
+        self.last_evicted: list[int] = []
 
     def block_hashes(self, tokens: Sequence[int]) -> list[int]:
         return chained_hashes(tokens, self.block_size)
@@ -144,14 +150,21 @@ class PrefixCache:
         # keep the prefix blocks and lose the tail ones first.
         blocks = blocks[: self.capacity_blocks]
         lru = self._lru
-        for b in reversed(blocks):
+        stored: list[int] = []
+        for i in range(len(blocks) - 1, -1, -1):
+            b = blocks[i]
             if b in lru:
                 lru.move_to_end(b)
             else:
                 lru[b] = None
+                stored.append(i)
+        stored.reverse()
+        self.last_stored = stored
         evicted: list[int] = []
+        self.last_evicted = evicted_blocks = []
         while len(lru) > self.capacity_blocks:
             b, _ = lru.popitem(last=False)
+            evicted_blocks.append(b)
             for c in self._block_chunks.pop(b, ()):
                 evicted.append(c)
                 self._forget_chunk(c, b)
@@ -188,6 +201,7 @@ class PrefixCache:
     def clear(self) -> list[int]:
         """Drop everything; returns the chunk hashes that stopped being held."""
         dropped = list(self._held)
+        self.last_stored, self.last_evicted = [], []
         self._lru.clear()
         self._held.clear()
         self._block_chunks.clear()
@@ -214,6 +228,12 @@ class RequestPlan:
     decode_s: float
     admitted_chunks: list[int] = field(default_factory=list)
     evicted_chunks: list[int] = field(default_factory=list)
+    # Block level (vLLM's KV cache events): the prompt's full blocks' hashes (capped at the
+    # cache's capacity), the indices into them of the blocks this request stored (the
+    # others were cached already), and the hashes of the blocks it evicted.
+    block_hashes: Sequence[int] = ()
+    stored_blocks: list[int] = field(default_factory=list)
+    evicted_blocks: list[int] = field(default_factory=list)
 
     @property
     def service_s(self) -> float:
@@ -288,6 +308,10 @@ class EngineModel:
             decode_s=self.cost.decode_seconds(output_tokens, running),
             admitted_chunks=admitted,
             evicted_chunks=evicted,
+            block_hashes=blocks if len(blocks) <= (cap := self.cache.capacity_blocks)
+            else blocks[:cap],
+            stored_blocks=self.cache.last_stored,
+            evicted_blocks=self.cache.last_evicted,
         )
 
     def usage(self) -> float:

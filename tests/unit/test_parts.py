@@ -85,7 +85,8 @@ async def test_a_restarted_engine_is_forgotten_by_the_view_and_the_router() -> N
         deliver = p.kv_subscriber.deliver
         tokens = list(range(512))
         stored = Stored([11, 12], None, tokens, 256, "GPU")
-        deliver(KVUpdate("e1", 0, (stored,), fresh=True))
+        deliver(KVUpdate("e1", 0, (stored,), fresh=True))  # e1's server just started
+        await asyncio.sleep(0.05)
         # The router also remembers a request it routed to e1 and saw finish.
         p.router.started("f1", Decision("e1", "cache-hit", chunks=chunk_hashes(tokens),
                                         prompt_tokens=512))
