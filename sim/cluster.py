@@ -8,6 +8,9 @@ Typical use::
         c.controller_url                 # "http://127.0.0.1:PORT"
         c.engine_urls["vllm-instance-1"] # engine base URLs keyed by instance id
 
+    with start_cluster(2, kv_events=True) as c:
+        c.kv_events_urls["vllm-instance-1"]  # "tcp://127.0.0.1:PORT": its KV cache events
+
 Every helper is a context manager: leaving the block (normally, on an exception or on
 Ctrl-C) stops the servers and joins the threads / reaps the processes it started.
 """
@@ -24,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,8 +220,19 @@ def start_engine(cfg: EngineConfig, mode: Mode = "thread") -> Iterator[str]:
         args.append("--enable-prompt-tokens-details")
     if cfg.echo_body_sha256:
         args.append("--echo-body-sha256")
+    if cfg.kv_events_port is not None:
+        args += ["--kv-events", str(cfg.kv_events_port), "--kv-events-topic",
+                 cfg.kv_events_topic]
     with run_module("sim.engine_server", args, cfg.host, 0, ready_path="/health") as url:
         yield url
+
+
+def kv_events_url(engine_url: str) -> str | None:
+    """Where a running engine simulator publishes its KV cache events (``tcp://host:port``,
+    the port it bound), or None when it does not publish them."""
+    state = httpx.get(f"{engine_url}/sim/state", timeout=5).json()
+    kv = state.get("kv_events")
+    return kv["endpoint"] if kv else None
 
 
 @dataclass(frozen=True)
@@ -226,6 +240,8 @@ class Cluster:
     controller_url: str
     engine_urls: dict[str, str]
     model: str
+    # instance id -> the engine's KV cache events endpoint (start_cluster(kv_events=True)).
+    kv_events_urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def instance_ids(self) -> list[str]:
@@ -264,11 +280,14 @@ def start_cluster(
     controller: ControllerConfig | None = None,
     engine_overrides: dict[str, object] | None = None,
     mode: Mode = "thread",
+    kv_events: bool = False,
 ) -> Iterator[Cluster]:
     """Start a controller and ``n_engines`` engines ``vllm-instance-1..n`` registered with it.
 
-    ``engine_overrides`` are extra ``EngineConfig`` fields applied to every engine. Yields
-    once every engine is registered; stops engines first, then the controller.
+    ``engine_overrides`` are extra ``EngineConfig`` fields applied to every engine. With
+    ``kv_events`` every engine also publishes vLLM's KV cache events on a free port
+    (``Cluster.kv_events_urls``). Yields once every engine is registered; stops engines
+    first, then the controller.
     """
     with contextlib.ExitStack() as stack:
         controller_url = stack.enter_context(start_controller(controller, mode))
@@ -282,9 +301,17 @@ def start_cluster(
                 capacity_tokens=capacity_tokens,
                 time_scale=time_scale,
                 cost=cost if cost is not None else CostModel(),
+                kv_events_port=0 if kv_events else None,
             )
             if engine_overrides:
                 cfg = dataclasses.replace(cfg, **engine_overrides)  # type: ignore[arg-type]
             engines[iid] = stack.enter_context(start_engine(cfg, mode))
         wait_registered(controller_url, list(engines))
-        yield Cluster(controller_url=controller_url, engine_urls=engines, model=model)
+        kv_urls: dict[str, str] = {}
+        if kv_events or (engine_overrides or {}).get("kv_events_port") is not None:
+            for iid, url in engines.items():
+                endpoint = kv_events_url(url)
+                if endpoint is not None:
+                    kv_urls[iid] = endpoint
+        yield Cluster(controller_url=controller_url, engine_urls=engines, model=model,
+                      kv_events_urls=kv_urls)

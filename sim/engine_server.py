@@ -12,7 +12,14 @@ Like an LMCache worker, the engine registers with the controller simulator and r
 they never delay a response and the controller sees them in order.
 
 Simulator-only endpoints live under ``/sim/``: ``GET /sim/state``, ``POST /sim/faults``
-(``{"dead": bool}``: ``/health`` answers 503 and generation 500) and ``POST /sim/clear``.
+(``{"dead": bool}``: ``/health`` answers 503 and generation 500) and ``POST /sim/clear``;
+``POST /reset_prefix_cache`` is vLLM's own (dev-mode) route, the same clear.
+
+With ``kv_events_port`` (``--kv-events PORT``, 0 picks a free port) the engine also publishes
+vLLM's KV cache events on a ZMQ PUB socket bound on ``tcp://{host}:PORT`` (``sim.kv_events``;
+the bound endpoint is printed, and in ``GET /sim/state`` under ``kv_events.endpoint``): one
+batch per request when its blocks are allocated (BlockRemoved for the evicted blocks,
+BlockStored for the stored ones), AllBlocksCleared on a clear.
 With ``echo_body_sha256`` (``--echo-body-sha256``) every response carries
 ``x-body-sha256``: the SHA-256 of the request body exactly as received (a soak checks with
 it that the proxy forwarded the client's bytes unchanged).
@@ -55,6 +62,7 @@ from sim.engine_model import (
     EngineModel,
     RequestPlan,
 )
+from sim.kv_events import DEFAULT_TOPIC, KVEventsPublisher, all_blocks_cleared, plan_events
 from sim.serving import add_server_args, serve_cli
 
 log = logging.getLogger("sim.engine_server")
@@ -94,6 +102,10 @@ class EngineConfig:
     report_timeout_s: float = 2.0
     register_timeout_s: float = 30.0
     echo_body_sha256: bool = False
+    # Publish vLLM's KV cache events on tcp://{host}:{kv_events_port} (0: a free port);
+    # None: no publisher.
+    kv_events_port: int | None = None
+    kv_events_topic: str = DEFAULT_TOPIC
 
     def __post_init__(self) -> None:
         if self.time_scale < 0:
@@ -356,6 +368,8 @@ class EngineRuntime:
         self.reporter = KVReporter(cfg)
         self.metrics = EngineMetrics(self)
         self.created = int(time.time())
+        self.kv_events = (None if cfg.kv_events_port is None else
+                          KVEventsPublisher(cfg.host, cfg.kv_events_port, cfg.kv_events_topic))
         self._slots: asyncio.Semaphore | None = None
         self._prefill: asyncio.Lock | None = None
 
@@ -424,6 +438,11 @@ class EngineRuntime:
                 started = True
                 queued = loop.time() - arrival
                 plan = self.model.begin(tokens, n_out, self.running)
+                if self.kv_events is not None:
+                    # At allocation, in the order the cache changed (vLLM's batch comes at
+                    # the end of the step that allocated; one step here is the request's
+                    # whole prefill, so publishing after it could reorder two requests).
+                    self.kv_events.publish(plan_events(plan, tokens, self.cfg.block_size))
                 # Evictions happen when the new blocks are allocated, admissions once the
                 # KV exists (after prefill), as an LMCache worker would report them.
                 self.reporter.report([], plan.evicted_chunks)
@@ -457,6 +476,8 @@ class EngineRuntime:
     def clear(self) -> int:
         dropped = self.model.clear()
         self.reporter.report([], dropped)
+        if self.kv_events is not None:
+            self.kv_events.publish([all_blocks_cleared()])
         return len(dropped)
 
     def state(self) -> dict[str, Any]:
@@ -479,6 +500,7 @@ class EngineRuntime:
                 "sent": self.reporter.sent,
                 "failures": self.reporter.failures,
             },
+            "kv_events": None if self.kv_events is None else self.kv_events.state(),
         }
 
 
@@ -574,6 +596,8 @@ def create_app(cfg: EngineConfig) -> FastAPI:
             yield
         finally:
             await rt.reporter.stop()
+            if rt.kv_events is not None:
+                rt.kv_events.close()
 
     app = FastAPI(title=f"vLLM simulator {cfg.instance_id}", lifespan=lifespan)
     app.state.runtime = rt
@@ -809,6 +833,12 @@ def create_app(cfg: EngineConfig) -> FastAPI:
     async def sim_clear() -> JSONResponse:
         return JSONResponse({"evicted_chunks": rt.clear()})
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        # vLLM's route (served with VLLM_SERVER_DEV_MODE=1): 200, empty body.
+        rt.clear()
+        return Response(status_code=200)
+
     if cfg.echo_body_sha256:
         app.add_middleware(BodySha256)
     return app
@@ -831,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     p.add_argument("--echo-body-sha256", action="store_true",
                    help="answer with x-body-sha256: the SHA-256 of the request body received")
+    p.add_argument("--kv-events", dest="kv_events_port", type=int, default=None,
+                   metavar="PORT",
+                   help="publish vLLM's KV cache events on tcp://HOST:PORT (0: a free port; "
+                        "the endpoint is printed and in /sim/state)")
+    p.add_argument("--kv-events-topic", default=DEFAULT_TOPIC)
     return p
 
 
@@ -849,12 +884,22 @@ def config_from_args(args: argparse.Namespace, base_url: str) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         echo_body_sha256=args.echo_body_sha256,
+        kv_events_port=args.kv_events_port,
+        kv_events_topic=args.kv_events_topic,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    serve_cli(lambda url: create_app(config_from_args(args, url)), args)
+
+    def factory(url: str) -> FastAPI:
+        app = create_app(config_from_args(args, url))
+        pub = app.state.runtime.kv_events
+        if pub is not None:
+            print(f"kv events on {pub.url} (topic {pub.topic!r})", flush=True)
+        return app
+
+    serve_cli(factory, args)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ class KVEventsPublisher:
     def close(self) -> None:
         if not self._sock.closed:
             self._sock.close(linger=0)
-        self._ctx.term()
+        if not self._ctx.closed:
+            self._ctx.term()
 
     def state(self) -> dict[str, Any]:
         return {"endpoint": self.url, "topic": self.topic, "batches": self.seq,

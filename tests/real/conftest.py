@@ -60,12 +60,16 @@ def _script(*args: str, env: dict[str, str] | None = None, timeout: float = 1800
 
 
 @pytest.fixture(scope="module")
-def real_vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+def real_vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Three real vLLM CPU servers (started once, in parallel, for the one module that uses
     them, and stopped after it so they do not sit on memory and CPU next to the other
     real tiers), with
     VLLM_SERVER_DEV_MODE=1 (/reset_prefix_cache) and --enable-scale-out (the render endpoint
-    vllm-router's cache_aware calls), for the peer-router tier (test_real_peers.py).
+    vllm-router's cache_aware calls), for the peer-router tier (test_real_peers.py), each
+    also publishing its KV cache events (``--kv-events-config``, ZMQ bound on its own
+    ``tcp://*:PORT``; read by the addon's kv-events row only, ignored by the others).
+    A ``bench.real_peers.Fleet``: ``engines`` (id -> URL) and ``kv_events`` (id ->
+    ``tcp://127.0.0.1:PORT``).
     test_real_vllm.py keeps its own two, as before: its check that a stream has as many SSE
     events through the proxy as direct depends on timing (vLLM merges deltas its reader has
     not taken yet) and failed under load both on these and on its own servers.
@@ -76,15 +80,22 @@ def real_vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list
     with contextlib.ExitStack() as stack:
         error = ""
         try:
-            engines, _ = stack.enter_context(
-                real_peers.started_servers(tmp_path_factory.mktemp("vllm-logs")))
+            fleet = stack.enter_context(
+                real_peers.started_fleet(tmp_path_factory.mktemp("vllm-logs")))
         except real_peers.vllm_real.SetupError as e:
             error = str(e)
         if error:
             pytest.fail(f"real vLLM setup failed: {error}", pytrace=False)
         print(f"\n[real_vllm] three servers up in {time.monotonic() - t0:.0f} s: "
-              + ", ".join(engines.values()), file=sys.stderr)
-        yield list(engines.values())
+              + ", ".join(fleet.engines.values()) + "; KV events on "
+              + ", ".join(fleet.kv_events.values()), file=sys.stderr)
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def real_vllm_servers(real_vllm_fleet: Any) -> list[str]:
+    """The URLs of ``real_vllm_fleet``'s three servers (in ``bench.real_peers.IDS`` order)."""
+    return list(real_vllm_fleet.engines.values())
 
 
 @pytest.fixture(scope="session")

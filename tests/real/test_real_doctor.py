@@ -16,9 +16,10 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from sim import doctor, tokenizer
+from addon import doctor
+from addon.doctor import DEFAULT_PROMPT
+from sim import tokenizer
 from sim.cluster import serve_app
-from sim.doctor import DEFAULT_PROMPT
 from sim.lmcache_worker import WorkerShim
 from tests.real.conftest import RealController, RealCoordinator, unique
 

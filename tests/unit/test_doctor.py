@@ -1,4 +1,4 @@
-"""scripts/doctor (sim.doctor) against the simulators, including their wrong-shape switches."""
+"""scripts/doctor (addon.doctor) against the simulators, including their wrong-shape switches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from sim import doctor
+from addon import doctor
 from sim.cluster import Cluster, serve_app, start_cluster, start_controller, start_engine
 from sim.controller import ControllerConfig
 from sim.engine_server import EngineConfig
