@@ -1,7 +1,7 @@
 """Carries the replicas' events (addon/replicas.py) over Redis pub/sub (thin I/O layer).
 
 Why pub/sub and a local mirror rather than reading Redis on the request path: a read is a
-network round trip per request (about 0.1 ms at rest and 1-2 ms at p99 under load here:
+network round trip per request (about 0.1 ms at rest and 1-4 ms with 16 in flight here:
 docs/replica-throughput.md), and a slow or dead Redis would then sit on every request's
 routing budget. With a mirror the request path reads only memory; what Redis adds is
 staleness (publish -> Redis -> every subscriber), measured on every batch from this
@@ -15,9 +15,10 @@ of the loop go out as one PUBLISH at the end of it, pipelined (the reply is read
 same task later), so batching is free and nothing waits on Redis.
 
 The Redis protocol (RESP) is spoken here by hand, for the few commands needed (AUTH,
-SUBSCRIBE, PUBLISH, and reading pushed messages): redis-py's asyncio client costs 120 us of
-event-loop CPU per PUBLISH and 40 us per message received, against under 10 us for the
-pipelined write below (measured on this machine); the event loop is the proxy's one core.
+SUBSCRIBE, PUBLISH, and reading pushed messages): redis-py's asyncio client awaits each
+PUBLISH's reply and costs about ten times the event-loop CPU per batch published, and three
+times per batch received, of the pipelined code below (`python -m bench.replica_throughput`
+measures both, docs/replica-throughput.md); the event loop is the proxy's one core.
 
 Redis down, slow, restarted (empty) or cut off: the task notices (an error, a write buffer
 Redis does not drain, or not even its own heartbeat coming back within `peer_timeout`), the

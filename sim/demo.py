@@ -2,6 +2,7 @@
 
     ./scripts/demo [--engines 4] [--users 32] [--rounds 6] [--time-scale 1] [--keep-running]
     ./scripts/demo --replicas 3
+    ./scripts/demo --cache-view kv_events
 
 Starts, on loopback, N engine simulators (vLLM stand-ins), the LMCache-controller
 simulator and a real `mitmdump` with the addon and a generated config whose endpoint ids
@@ -15,6 +16,10 @@ With --replicas N, N mitmdump replicas share the traffic (each request to a rand
 L4 load balancer spreads it) and the runs are: routing off, routing on with each replica's
 own state (`state.backend: memory`), and routing on with the state shared through a real
 redis-server (`state.backend: redis`; skipped, and said, when no redis-server is installed).
+
+With --cache-view kv_events the addon learns what each engine caches from the engines' own
+vLLM KV cache events (ZMQ, `cache_view: kv_events`, each endpoint's `kv_events_endpoint`)
+instead of the LMCache controller's /lookup: its `lmcache_endpoint` points at a dead port.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from sim.cluster import Cluster, start_cluster
-from sim.proxy import ROOT, command, mitmdumps, route_info, write_config
+from sim.proxy import ROOT, Proxy, command, mitmdumps, route_info, write_config
 from sim.redis_server import binary as redis_binary
 from sim.redis_server import free_port, redis_server
 
@@ -173,6 +178,28 @@ def _scrape(cluster: Cluster, result: RunResult) -> None:
                     result.queries += s.value
 
 
+CACHE_VIEWS = ("controller", "kv_events")
+
+
+def wait_kv_events_connected(proxy: Proxy, endpoint_ids: list[str],
+                             timeout: float = 10.0) -> None:
+    """Block until the proxy's KV events subscriber logged a connection to every endpoint's
+    publisher. ZMQ PUB drops what it sends before a subscriber joined: a batch published
+    earlier (a publisher's batch 0) would never reach the view."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = proxy.log()
+        missing = [e for e in endpoint_ids if f"kv events of {e}: connected" not in log]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the proxy's KV events subscriber never connected to "
+                               f"{missing}:\n{log}")
+        time.sleep(0.05)
+    # Connected is the TCP connection; the subscription follows it over the same socket.
+    time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool,
                        state: dict[str, str] | None = None
@@ -180,17 +207,27 @@ def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool,
     """A fresh cluster and `args.replicas` mitmdumps (1 unless set) with the addon."""
     n = getattr(args, "replicas", 1) or 1
     name = ("on" if routing else "off") + (f"-{state['backend']}" if state else "")
+    kv_events = getattr(args, "cache_view", "controller") == "kv_events"
     with start_cluster(args.engines, args.time_scale, capacity_tokens=args.capacity_tokens,
-                       mode="process") as cluster:
+                       mode="process", kv_events=kv_events) as cluster:
         extra: dict[str, object] = {"state": state} if state else {}
         # --controller-down: nothing listens there (the addon routes from its own memory).
-        controller = (f"http://127.0.0.1:{free_port()}" if getattr(args, "controller_down", False)
-                      else cluster.controller_url)
+        # kv_events: the addon must not need the controller, so it is not told where it is.
+        dead = getattr(args, "controller_down", False) or kv_events
+        controller = f"http://127.0.0.1:{free_port()}" if dead else cluster.controller_url
+        if kv_events:
+            extra["cache_view"] = "kv_events"
+            extra["endpoints"] = [
+                {"id": iid, "url": url, "kv_events_endpoint": cluster.kv_events_urls[iid]}
+                for iid, url in cluster.engine_urls.items()]
         cfg = write_config(
             out / f"config-{name}.yaml", cluster.engine_urls,
             controller, enabled=routing, lookup_routing_timeout="100ms",
             load_balancing="least_inflight", **extra)
         with mitmdumps(cfg, out / name, n) as proxies:
+            if kv_events and routing:
+                for p in proxies:
+                    wait_kv_events_connected(p, cluster.instance_ids)
             yield cluster, [p.url for p in proxies], cfg
 
 
@@ -225,15 +262,22 @@ def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
     off, on = runs[0], runs[-1]
     n = getattr(args, "replicas", 1) or 1
     total_cache = args.engines * args.capacity_tokens
+    kv_events = getattr(args, "cache_view", "controller") == "kv_events"
+    if kv_events:
+        view = ("cache view: kv_events (each engine's vLLM KV cache events over ZMQ; the "
+                "addon's lmcache_endpoint points at a dead port)")
+    elif getattr(args, "controller_down", False):
+        view = ("cache view: controller (the addon pointed at a dead port instead: it routes "
+                "from its own memory)")
+    else:
+        view = "cache view: controller (the LMCache controller simulator's /lookup)"
     lines = [
         f"command: ./scripts/demo {' '.join(sys.argv[1:])}".rstrip(),
         f"cluster: {args.engines} simulated vLLM engines x {args.capacity_tokens} tokens of "
-        f"prefix cache, LMCache controller simulator"
-        + (" (the addon pointed at a dead port instead), " if getattr(args, "controller_down",
-                                                                      False) else ", ")
-        + ""
+        f"prefix cache, LMCache controller simulator, "
         + (f"{n} mitmdump replicas + addon (each request to a random replica)" if n > 1
            else "mitmdump + addon"),
+        view,
         f"workload: {w.users} users x {w.rounds} rounds of chat, {w.system_words}-word shared "
         f"system prompt, a {w.context_words}-word document per user, {w.question_words}-word "
         f"questions, {w.answer_tokens}-token answers; "
@@ -315,7 +359,8 @@ def keep_running(args: argparse.Namespace, out: Path) -> None:
         web = web.replace(str(ROOT) + "/", "")
         print(f"\nThe cluster is up (routing on). Controller: {cluster.controller_url}")
         for iid, eurl in cluster.engine_urls.items():
-            print(f"  {iid}: {eurl}")
+            kv = cluster.kv_events_urls.get(iid)
+            print(f"  {iid}: {eurl}" + (f" (KV cache events on {kv})" if kv else ""))
         print(f"mitmdump with the addon: {url}\n")
         print("To inspect routing decisions in mitmweb (flow comments, 🎯 marks, headers):")
         print(f"  {web} --set web_columns=comment,path,method,status,size,time\n")
@@ -348,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="point the addon at a controller that is not there: it routes from "
                         "its own memory of what it sent (where sharing it between replicas "
                         "matters most)")
+    p.add_argument("--cache-view", choices=CACHE_VIEWS, default="controller",
+                   help="what tells the addon where a prefix is cached: the LMCache "
+                        "controller's /lookup, or each engine's vLLM KV cache events (ZMQ)")
     p.add_argument("--keep-running", action="store_true",
                    help="after the report, leave a cluster up (routing on) for mitmweb")
     args = p.parse_args(argv)
