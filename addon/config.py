@@ -279,6 +279,17 @@ class KVCacheConfig(_Section):
     slow_backoff: Duration = 1.0
     background: BackgroundConfig = BackgroundConfig()
     state: StateConfig = StateConfig()
+    # Serve Prometheus metrics on this "host:port" (e.g. 127.0.0.1:9464); empty: off.
+    metrics_listen: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v:
+            from addon.metrics import parse_listen
+
+            parse_listen(v)
+        return v
 
     @field_validator("lmcache_endpoint", "vllm_endpoint")
     @classmethod

@@ -35,6 +35,7 @@ from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E
 from addon.logs import ToLoop, relay_thread_logs, stop_relay  # noqa: E402
 from addon.looplag import LoopLag  # noqa: E402
 from addon.manager import CacheManager  # noqa: E402
+from addon.metrics import Metrics, check_listen, parse_listen  # noqa: E402
 from addon.parts import Parts, build  # noqa: E402
 from addon.policy import EndpointState  # noqa: E402
 from addon.request import LLMRequest, parse_llm_request  # noqa: E402
@@ -62,6 +63,7 @@ class KVCache:
         self._readers: ThreadPoolExecutor | None = None
         self._log_relay: ToLoop | None = None
         self.lag = LoopLag()
+        self.metrics: Metrics | None = None  # with metrics_listen, from running to done
 
     # The parts, for the commands and the tests.
     @property
@@ -107,6 +109,17 @@ class KVCache:
             logger.error(f"[kvcache] invalid config: {e}")
             self.cfg = None
             return
+        if cfg.metrics_listen and (not self.running_ or self.cfg is None
+                                   or cfg.metrics_listen != self.cfg.metrics_listen):
+            # Said before start-up ends (one line; mitmdump exits on it), not found later.
+            why = check_listen(*parse_listen(cfg.metrics_listen))
+            if why is not None:
+                msg = f"metrics_listen = {cfg.metrics_listen!r}: {why}"
+                if self.running_:
+                    raise exceptions.OptionsError(f"[kvcache] {msg}")
+                logger.error(f"[kvcache] invalid config: {msg}")
+                self.cfg = None
+                return
         self.cfg = cfg
         if self.running_:
             self._stop()
@@ -128,6 +141,13 @@ class KVCache:
         if cfg is None:
             return
         self.parts = build(cfg, lag=self.lag, busy=lambda: self.lag.busy)
+        if cfg.metrics_listen:
+            self.metrics = Metrics(lambda: self.parts)
+            try:
+                self.metrics.start(*parse_listen(cfg.metrics_listen))
+            except OSError as e:  # taken between configure's check and now
+                logger.error(f"[kvcache] metrics_listen = {cfg.metrics_listen!r}: {e}")
+                self.metrics = None
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="kvcache-read")
         try:
             loop = asyncio.get_running_loop()
@@ -153,6 +173,9 @@ class KVCache:
                         f"{cfg.state.channel!r}) as replica {self.parts.replicas.replica_id}")
 
     def _stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         for task in list(self._tasks):
             task.cancel()
         if self.parts is not None:
@@ -367,6 +390,8 @@ class KVCache:
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
         flow.metadata["kvcache"] = meta
+        if self.metrics is not None:
+            self.metrics.observe(meta)
         text = f"kvcache → {d.endpoint_id}: {d.reason}"
         if d.why:
             text += f" ({d.why})"
