@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from mitmproxy import command, ctx, exceptions, http  # noqa: E402
+from mitmproxy import command, ctx, exceptions, flow, http  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from addon.background import BackgroundPool, Job  # noqa: E402
@@ -447,6 +447,51 @@ class KVCache:
 
     # -- commands ------------------------------------------------------------------------
 
+    @command.command("kvcache.endpoints")
+    def endpoints(self) -> str:
+        """Each endpoint as a table: health, requests in flight, estimated queued prefill,
+        requests routed, and what the engine and the cache view say of it."""
+        parts = self.parts
+        if parts is None:
+            return "kvcache: not running (no valid config)"
+        state, router = parts.state, parts.router
+        health = state.health.stats()
+        prefill = router.index.prefill_load()
+        cols = ["endpoint", "health", "in flight", "queued prefill", "routed", "engine w/r",
+                "ejections"]
+        if parts.kv_index is not None:
+            cols.append("kv blocks")
+        rows = [cols]
+        for eid in state.ids:
+            h = health.get(eid, {})
+            up = f"ejected {h['ejected_for_s']}s" if h.get("ejected") else "up"
+            reading = parts.scraper.last.get(eid) if parts.scraper is not None else None
+            engine = f"{reading.waiting}/{reading.running}" if reading else "-"
+            row = [eid, up, str(state.inflight.get(eid, 0)), str(prefill.get(eid, 0)),
+                   str(state.routed.get(eid, 0)), engine, str(h.get("ejections", 0))]
+            if parts.kv_index is not None:
+                row.append(str(parts.kv_index.blocks(eid)))
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
+        lines.append(f"cache view: {parts.view}; controller breaker "
+                     f"{parts.manager.controller_breaker.stats()['state']}, tokenizer breaker "
+                     f"{parts.manager.tokenizer_breaker.stats()['state']}")
+        return "\n".join(lines)
+
+    @command.command("kvcache.explain")
+    def explain(self, flows: Sequence[flow.Flow]) -> str:
+        """Why each flow went where it went (its routing decision, in words)."""
+        out = []
+        for f in flows:
+            meta = f.metadata.get("kvcache") if isinstance(f, http.HTTPFlow) else None
+            if not meta:
+                out.append(f"{f.id}: not routed by kvcache")
+                continue
+            out.append(f"{f.id}: {explain_decision(meta)}")
+        return "\n".join(out)
+
     @command.command("kvcache.stats")
     def stats(self) -> str:
         """The addon's counters as one JSON line."""
@@ -563,3 +608,40 @@ def _route_header(meta: dict[str, Any]) -> str:
 
 
 addons = [KVCache()]
+
+
+_REASONS = {
+    "cache-hit": "it holds the longest cached prefix of the prompt (the cache view said so)",
+    "local-hit": "the proxy itself sent it that prefix (in flight or just finished)",
+    "cache-spill": "the holder was too busy: queueing there cost more than recomputing",
+    "least_inflight": "no endpoint held any of the prompt: the least loaded",
+    "round_robin": "no endpoint held any of the prompt: round robin",
+}
+_WHYS = {
+    "no-match": "no endpoint held any 256-token chunk of it",
+    "short-prompt": "the prompt is shorter than one 256-token chunk",
+    "controller-behind": "beyond what the cache view knew",
+    "unknown-instance": "the view named an instance that is no configured endpoint",
+    "holder-busy": "the holder's queued prefill outweighed the cached tokens",
+    "hot-prefix": "a hot prefix gets more than one holder",
+    "proxy-saturated": "the proxy's own event loop was behind: routed from its memory",
+}
+
+
+def explain_decision(meta: dict[str, Any]) -> str:
+    """One routing decision (a flow's `kvcache` metadata) in words."""
+    reason, why = meta.get("reason", ""), meta.get("why", "")
+    text = f"sent to {meta.get('endpoint_id')}: {_REASONS.get(reason, reason)}"
+    if why:
+        text += f"; {_WHYS.get(why, why)}"
+    n = meta.get("prompt_tokens", 0)
+    if n:
+        text += f". {meta.get('matched_tokens', 0)} of {n} prompt tokens were already there"
+        if meta.get("token_source"):
+            text += f" (tokens: {meta['token_source']})"
+    times = [f"routing {meta.get('route_ms', 0)} ms"]
+    if meta.get("lookup_ms") is not None:
+        times.append(f"lookup {meta['lookup_ms']:.1f} ms")
+    if meta.get("answer") == "recent-answer":
+        times.append("a recent answer reused")
+    return text + "; " + ", ".join(times) + "."

@@ -400,3 +400,29 @@ async def test_engine_metrics_show_traffic_that_bypassed_the_proxy(tmp_path: Pat
             a.done()
         for t in threads:
             t.join()
+
+
+async def test_endpoints_and_explain_commands(tmp_path: Path) -> None:
+    from mitmproxy import command as mcommand
+
+    a = kvcache.KVCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, kvcache_config=write(tmp_path))
+        a.running()
+        install(a, holder("vllm-instance-2", 512), httpx.MockTransport(tokens_ok))
+        f = chat_flow()
+        await a.request(f)
+        table = tctx.command(a.endpoints).splitlines()
+        assert table[0].split()[:2] == ["endpoint", "health"]
+        row = next(line for line in table if line.startswith("vllm-instance-2"))
+        assert row.split()[1:3] == ["up", "1"]  # up, one request in flight
+        assert "cache view: controller" in table[-1]
+        text = a.explain([f])
+        assert "sent to vllm-instance-2" in text and "512 of 600 prompt tokens" in text
+        # Typed as mitmproxy's flow specs, so `kvcache.explain @focus` works in mitmweb.
+        cmd = mcommand.Command(tctx.master.commands, "kvcache.explain", a.explain)
+        from collections.abc import Sequence
+
+        from mitmproxy import flow as mflow
+        assert [(p.name, p.type) for p in cmd.parameters] == [("flows", Sequence[mflow.Flow])]
+        a.done()
