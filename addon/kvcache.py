@@ -29,6 +29,7 @@ if _ROOT not in sys.path:
 from mitmproxy import command, ctx, exceptions, flow, http  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
+from addon import decision_view  # noqa: E402
 from addon.background import BackgroundPool, Job  # noqa: E402
 from addon.body import NotRoutable, needs_thread, routable_body  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
@@ -88,6 +89,7 @@ class KVCache:
 
     def load(self, loader: Any) -> None:
         _return_big_frees_to_the_os()
+        decision_view.register()
         # mitmproxy's root logger is at DEBUG: keep the HTTP clients' per-request lines out.
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -133,6 +135,7 @@ class KVCache:
     def done(self) -> None:
         self._stop()
         self.running_ = False
+        decision_view.unregister()
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -389,6 +392,7 @@ class KVCache:
         self._by_client[flow.client_conn.id] = flow
         meta = d.as_metadata()
         meta["route_ms"] = round(ms, 2)
+        meta["budget_ms"] = parts.budget_ms
         flow.metadata["kvcache"] = meta
         if self.metrics is not None:
             self.metrics.observe(meta)

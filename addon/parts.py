@@ -68,6 +68,10 @@ class Parts:
     kv_index: KVBlockIndex | None = None
     kv_subscriber: KVEventsSubscriber | None = None
 
+    @property
+    def budget_ms(self) -> float:
+        return self.cfg.lookup_routing_timeout * 1000
+
     def start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the background readers (engine metrics, the replicas' link); what they
         read is applied on `loop` (the router is touched only from the event loop)."""

@@ -21,6 +21,10 @@ class Choice:
     # the balancer's name when the cache gave no answer.
     reason: str
     matched_tokens: int = 0
+    # Per candidate, as the cost rule saw it: (endpoint, matched tokens, load, cost in
+    # prompt tokens of work before this request's first token); empty when no endpoint held
+    # anything (the balancer chose). For whoever inspects the decision (mitmweb's view).
+    costs: tuple[tuple[str, int, int, float], ...] = ()
 
 
 def best_holder(
@@ -168,6 +172,7 @@ def choose(
         congestion += weight * min(queued.get(e, 0) for e in candidates) / p.congestion_tokens
     best: tuple[float, int, int, int] | None = None
     most: tuple[int, float, int] | None = None  # (-matched, cost, index): the best holder
+    table: list[tuple[str, int, int, float]] = []
     for i, eid in enumerate(candidates):
         matched = min(max(matches.get(eid, 0), 0), prompt)
         credited = max(matched, int(p.hot_copy_credit * top)) if spread else matched
@@ -175,6 +180,7 @@ def choose(
             credited = int(credited * (1.0 - p.lower_tier_cost))
         busy = load.get(eid, 0)
         cost = congestion * (prompt - credited) + weight * busy
+        table.append((eid, matched, busy, cost))
         rank = (cost, -matched, busy, i)
         if best is None or rank < best:
             best = rank
@@ -190,10 +196,10 @@ def choose(
         # delays a new request's start, whatever the per-request term says), that never
         # pays: the request stays with the endpoint that holds most of its prompt.
         # `spill_margin` widens "no prefill queued" to that share of the held tokens.
-        return Choice(holder_id, "cache-hit", held)
+        return Choice(holder_id, "cache-hit", held, tuple(table))
     if matched > 0:
-        return Choice(winner, "cache-hit", matched)
-    return Choice(winner, "hot-spread" if spread else "cache-spill")
+        return Choice(winner, "cache-hit", matched, tuple(table))
+    return Choice(winner, "hot-spread" if spread else "cache-spill", 0, tuple(table))
 
 
 class EndpointState:

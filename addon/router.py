@@ -79,6 +79,10 @@ class Decision:
     # "controller", or "recent-answer" when a saturated proxy reused a lookup under a second
     # old for the same prefix instead of asking again.
     answer: str = ""
+    # Per candidate: (endpoint, tokens the cache view says it holds, tokens the proxy's own
+    # memory says it holds, estimated load in tokens, cost); for inspecting the decision.
+    candidates: tuple[tuple[str, int, int, int, float], ...] = field(
+        default=(), repr=False, compare=False)
 
     def as_metadata(self) -> dict[str, Any]:
         # Spelled out rather than dataclasses.fields(): this runs for every request.
@@ -90,6 +94,10 @@ class Decision:
                      ("lookup_ms", self.lookup_ms), ("answer", self.answer)):
             if v not in (None, ""):
                 out[k] = v
+        if self.candidates:
+            out["candidates"] = [
+                {"endpoint": e, "held_view": hv, "held_proxy": hp, "load_tokens": ld,
+                 "cost_tokens": round(c)} for e, hv, hp, ld, c in self.candidates]
         return out
 
 
@@ -295,8 +303,10 @@ class Router:
                                 prefill_tokens=self.prefill_tokens())
                 if choice.reason == "cache-hit":
                     self.stats.local_hits += 1
+                    table = tuple((e, 0, matches.get(e, 0), ld, c)
+                                  for e, _, ld, c in choice.costs)
                     return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
-                                    n, phase.source, ms, chunks=chunks)
+                                    n, phase.source, ms, chunks=chunks, candidates=table)
         return self._with(self.balance(why), n, phase.source, ms, chunks)
 
     def _own_matches(self, chunks: tuple[int, ...], cache_key: str) -> dict[str, int]:
@@ -540,6 +550,8 @@ class Router:
                                 prefill_tokens=self.prefill_tokens(),
                                 replicas=self.replicas(matches, candidates, chunks),
                                 lower_tier=lower)
+        table = tuple((e, answer.get(e, 0), own.get(e, 0), ld, c)
+                      for e, _, ld, c in choice.costs)
         if choice.reason == "cache-hit":
             if choice.matched_tokens >= answer.get(choice.endpoint_id, 0) + CHUNK_TOKENS:
                 # The match is the proxy's own memory, at least a chunk beyond what the
@@ -548,15 +560,15 @@ class Router:
                 self.stats.local_hits += 1
                 why = "unknown-instance" if unknown else "controller-behind"
                 return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
-                                n, source, ms, unknown, chunks, answer, how)
+                                n, source, ms, unknown, chunks, answer, how, table)
             self.stats.cache_hits += 1
             return Decision(choice.endpoint_id, "cache-hit", "", choice.matched_tokens, n,
-                            source, ms, unknown, chunks, answer, how)
+                            source, ms, unknown, chunks, answer, how, table)
         if choice.reason in ("cache-spill", "hot-spread"):
             self.stats.spills += 1
             why = "holder-busy" if choice.reason == "cache-spill" else "hot-prefix"
             return Decision(choice.endpoint_id, "cache-spill", why, 0, n, source, ms,
-                            unknown, chunks, answer, how)
+                            unknown, chunks, answer, how, table)
         why = "unknown-instance" if unknown else "no-match"
         return Decision(choice.endpoint_id, choice.reason, why, 0, n, source, ms, unknown,
                         chunks, answer, how)

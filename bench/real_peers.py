@@ -342,6 +342,9 @@ class RunResult:
     reasons: dict[str, int] = field(default_factory=dict)  # the addon's route decisions
     # The addon's decision per request: user, round, endpoint, reason (why), matched tokens.
     decisions: list[list[Any]] = field(default_factory=list)
+    # The kv-events row: the addon's warnings about the servers' event streams (a view
+    # dropped: a publisher disconnected or silent, batches lost, a sequence gone back).
+    kv_warnings: list[str] = field(default_factory=list)
 
     def moves(self) -> tuple[int, int]:
         """(follow-up turns the addon sent to another server than the user's previous turn,
@@ -425,10 +428,15 @@ def _wait_kv_connected(proxy: Any, ids: Sequence[str], timeout: float = 15.0) ->
                        + "\n".join(proxy.lines[-30:]))
 
 
+KV_WARNINGS = ("publisher disconnected", "batches lost", "sequence went back", "undecodable")
+
+
 @contextlib.contextmanager
 def _front(spec: RouterSpec, engines: dict[str, str], tmp: Path, log: Log,
-           kv_events: dict[str, str] | None = None) -> Iterator[tuple[str, str | None]]:
-    """The router's URL, and the controller to feed (addon fed only)."""
+           kv_events: dict[str, str] | None = None, warnings: list[str] | None = None
+           ) -> Iterator[tuple[str, str | None]]:
+    """The router's URL, and the controller to feed (addon fed only). ``warnings``: the
+    kv-events row's event-stream warnings are added there on exit."""
     if spec.kind != "addon":
         with peers_real.router(spec.kind, spec.policy, list(engines.values()),
                                log_dir=tmp / "router-logs", log=log) as r:
@@ -447,8 +455,13 @@ def _front(spec: RouterSpec, engines: dict[str, str], tmp: Path, log: Log,
                            kv_events_topic=KV_TOPIC, **{**dict(spec.settings),
                                                         "endpoints": eps})
         with mitmdump(cfg, tmp) as proxy:
-            _wait_kv_connected(proxy, list(engines))
-            yield proxy.url, None
+            try:
+                _wait_kv_connected(proxy, list(engines))
+                yield proxy.url, None
+            finally:
+                if warnings is not None:
+                    warnings += [ln.strip() for ln in proxy.lines
+                                 if "kv events of" in ln and any(w in ln for w in KV_WARNINGS)]
         return
     with start_controller() as controller:
         for iid, eurl in engines.items():
@@ -469,7 +482,7 @@ def run_router(spec: RouterSpec, engines: dict[str, str], w: Workload, script: S
     urls = list(engines.values())
     reset_caches(urls)
     res = RunResult(spec.name, script.seed)
-    with _front(spec, engines, tmp, log, kv_events) as (url, controller):
+    with _front(spec, engines, tmp, log, kv_events, res.kv_warnings) as (url, controller):
         before = settled(urls)
         t0 = time.monotonic()
         asyncio.run(_drive(url, w, script, tokens, controller, res))
@@ -484,7 +497,9 @@ def run_router(spec: RouterSpec, engines: dict[str, str], w: Workload, script: S
     log(f"{spec.name} seed {script.seed}: {res.hits:.0f}/{res.queries:.0f} = {res.ratio:.1%}, "
         f"{res.ok}/{res.requests} ok, {res.wall_s:.1f} s, share "
         + " ".join(f"{v:.0%}" for v in res.share.values())
-        + (f", reasons {res.reasons}" if res.reasons else ""))
+        + (f", reasons {res.reasons}" if res.reasons else "")
+        + (f", {len(res.kv_warnings)} kv-events warnings: {res.kv_warnings[:3]}"
+           if res.kv_warnings else ""))
     return res
 
 
@@ -661,11 +676,21 @@ def render(c: Comparison, command: str) -> str:
                 total.update(r.reasons)
         if total:
             moved = [r.moves() for r in c.runs if r.router == name]
+            kv_warned = [w for r in c.runs if r.router == name for w in r.kv_warnings]
             lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in total.most_common())
                          + f"; a user's next turn went to another server {sum(m for m, _ in moved)}"
-                         f" times in {sum(n for _, n in moved)} follow-up turns")
+                         f" times in {sum(n for _, n in moved)} follow-up turns"
+                         + (f"; the servers' KV-event streams: {len(kv_warned)} warnings "
+                            "(a view dropped)" if kv_warned else
+                            "; the servers' KV-event streams: no view dropped (no disconnect, "
+                            "gap or restart)" if name == KV_EVENTS else ""))
     lines += ["", "## Against the issue's criteria", ""]
     lines += [f"- {line}" for line in verdict(c)]
+    if KV_EVENTS in routers:
+        lines += ["", "Issue 15's other half, a restarted server noticed through its KV events "
+                  "(its stale blocks and the proxy's memory of it dropped within a second, "
+                  "through the real addon on real servers), is "
+                  "`tests/real/test_real_kv_events_restart.py`."]
     piled = [name for name in routers if not name.startswith("addon") and all(
         max(r.share.values(), default=0.0) > 0.99 for r in c.runs if r.router == name)]
     if piled:

@@ -114,7 +114,8 @@ def test_addon_against_peer_routers_on_real_vllm(real_vllm_fleet: real_peers.Fle
     for r in c.runs:
         if r.router == KV_EVENTS:
             hits = r.reasons.get("cache-hit", 0)
-            print(f"[real_peers] addon (kv events) decisions: {r.reasons}", file=sys.stderr)
+            print(f"[real_peers] addon (kv events) decisions: {r.reasons}; event-stream "
+                  f"warnings (views dropped): {r.kv_warnings or 'none'}", file=sys.stderr)
             if hits < KV_MIN_CACHE_HITS * r.requests:
                 failed.append(f"addon (kv events): {hits} cache hits of {r.requests} "
                               f"requests (< {KV_MIN_CACHE_HITS:.0%}): {r.reasons}")

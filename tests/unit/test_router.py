@@ -419,3 +419,17 @@ async def test_a_lower_tier_answer_loses_to_a_gpu_holder_of_as_much() -> None:
     lk.answer = LookupResult({"e1": 4096, "e2": 4096})
     d = await r.route(ids_req(doc + (1,) * 100, "t2"))
     assert d.endpoint_id == "e1"
+
+
+async def test_a_decision_carries_each_candidates_costs() -> None:
+    r = make(FakeLookup(LookupResult({"e1": 512})))
+    d = await r.route(ids_req(LONG))
+    rows = {c["endpoint"]: c for c in d.as_metadata()["candidates"]}
+    assert set(rows) == {"e1", "e2"}
+    assert rows["e1"]["held_view"] == 512 and rows["e2"]["held_view"] == 0
+    # The winner is the cheapest: its 88 uncached tokens against e2's 600.
+    assert d.endpoint_id == "e1" and rows["e1"]["cost_tokens"] < rows["e2"]["cost_tokens"]
+    r.started("f1", d)
+    d2 = await r.route(ids_req(LONG, "again"))
+    rows = {c["endpoint"]: c for c in d2.as_metadata()["candidates"]}
+    assert rows["e1"]["held_proxy"] == 512 and rows["e1"]["load_tokens"] > 0
