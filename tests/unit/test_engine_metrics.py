@@ -62,7 +62,8 @@ def _free_port() -> int:
 def test_scraper_reads_a_vllm_stand_in_and_reports_a_dead_one() -> None:
     # One request prefilling (slow), two queued behind the engine's single prefill unit:
     # vLLM counts those as waiting.
-    cfg = EngineConfig(time_scale=1.0, cost=CostModel(max_batch=8))
+    # Slow enough (0.5 s per prefill) that the three overlap on a loaded machine too.
+    cfg = EngineConfig(time_scale=5.0, cost=CostModel(max_batch=8))
     dead = f"http://127.0.0.1:{_free_port()}"
     with start_engine(cfg) as url:
         got: list[tuple[str, EngineReading | None, int]] = []
