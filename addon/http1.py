@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -65,6 +67,10 @@ class Response:
         return loads(self.body)
 
 
+# (method, url, request body, status or None, response body, start time, error or None)
+Tap = Callable[[str, str, bytes, "int | None", bytes, float, "BaseException | None"], None]
+
+
 class JSONClient:
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -77,11 +83,26 @@ class JSONClient:
         host_header = parts.netloc.rsplit("@", 1)[-1]
         self._head = f"Host: {host_header}\r\nContent-Type: application/json\r\n"
         self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
+        # Sees every exchange's exact bytes when set (kvcache_show_calls); None: no cost.
+        self.tap: Tap | None = None
 
     async def post(self, path: str, payload: Any) -> Response:
         body = dumps(payload)
         head = (f"POST {self.prefix}{path} HTTP/1.1\r\n{self._head}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
+        if self.tap is None:
+            return await self._post(head, body)
+        t0 = time.time()
+        url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{self.prefix}{path}"
+        try:
+            resp = await self._post(head, body)
+        except BaseException as e:
+            self.tap("POST", url, body, None, b"", t0, e)
+            raise
+        self.tap("POST", url, body, resp.status, resp.body, t0, None)
+        return resp
+
+    async def _post(self, head: bytes, body: bytes) -> Response:
         # A pooled connection the server closed while idle fails before any answer byte;
         # that request is safe to send again once, on a fresh connection.
         while self._idle:
@@ -210,10 +231,16 @@ class HttpxJSON:
         import httpx
 
         self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
+        self.tap: Tap | None = None
 
     async def post(self, path: str, payload: Any) -> Response:
+        body = dumps(payload)
+        t0 = time.time()
         resp = await self._client.post(
-            path, content=dumps(payload), headers={"content-type": "application/json"})
+            path, content=body, headers={"content-type": "application/json"})
+        if self.tap is not None:
+            self.tap("POST", str(resp.request.url), body, resp.status_code, resp.content, t0,
+                     None)
         return Response(resp.status_code, resp.content)
 
     async def aclose(self) -> None:

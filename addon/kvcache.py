@@ -12,6 +12,7 @@ background.py and manager.py.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import sys
@@ -26,12 +27,14 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import httpx  # noqa: E402
 from mitmproxy import command, ctx, exceptions, flow, http  # noqa: E402
 from mitmproxy.proxy import server_hooks  # noqa: E402
 
 from addon import decision_view  # noqa: E402
 from addon.background import BackgroundPool, Job  # noqa: E402
 from addon.body import NotRoutable, needs_thread, routable_body  # noqa: E402
+from addon.call_flows import CALLER, CallFlows  # noqa: E402
 from addon.config import ConfigError, KVCacheConfig, load_config_file  # noqa: E402
 from addon.logs import ToLoop, relay_thread_logs, stop_relay  # noqa: E402
 from addon.looplag import LoopLag  # noqa: E402
@@ -65,6 +68,7 @@ class KVCache:
         self._log_relay: ToLoop | None = None
         self.lag = LoopLag()
         self.metrics: Metrics | None = None  # with metrics_listen, from running to done
+        self.calls: CallFlows | None = None  # with kvcache_show_calls in mitmweb/mitmproxy
 
     # The parts, for the commands and the tests.
     @property
@@ -97,8 +101,15 @@ class KVCache:
             "kvcache_config", str, "config.yaml",
             "Path of the kvcache addon's YAML config (endpoints, LMCache controller, ...).",
         )
+        loader.add_option(
+            "kvcache_show_calls", bool, False,
+            "Show the addon's own LMCache and /tokenize calls as flows (mitmweb, mitmproxy), "
+            "each linked to the client flow it served.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "kvcache_show_calls" in updated and self.parts is not None:
+            self._show_calls(self.parts)
         if "kvcache_config" not in updated:
             return
         try:
@@ -160,6 +171,7 @@ class KVCache:
             self._spawn(self.lag.run())
             self._log_relay = relay_thread_logs(loop)
             self.parts.start_threads(loop)
+            self._show_calls(self.parts)
             if cfg.health_check_path:
                 self._spawn(self._health_checks(self.parts))
         ids = [ep.id for ep in cfg.endpoints]
@@ -237,10 +249,14 @@ class KVCache:
         req: LLMRequest | None = None
         hot = 0
         decision: Decision
+        caller = CALLER.set(flow.id) if self.calls is not None else None
         try:
             req, decision, hot = await self._decide(flow, parts)
         except Exception as e:  # never out of the hook: the request goes to an endpoint
             req, decision = None, self._hook_failed(parts, e)
+        finally:
+            if caller is not None:
+                CALLER.reset(caller)
         if flow.response or flow.error:  # killed while we awaited
             return
         self._apply(flow, parts, decision, (time.perf_counter() - t0) * 1000, req)
@@ -416,8 +432,17 @@ class KVCache:
                 req.token_ids is not None or not req.tokenize_body
                 or (parts.token_cache is not None and parts.token_cache.has(req.key))):
             return  # the tokens are known and the strategy has nothing to do: no job
-        job = parts.pool.submit(req.key, lambda j: manager.run(req, j, hot, answer),
-                                parts.cfg.request_timeout)
+        if self.calls is None:
+            def run(j: Job) -> None:
+                manager.run(req, j, hot, answer)
+        else:  # the job's calls name the flow they serve (a pool thread has no context)
+            token = CALLER.set(flow.id)
+            ctx_run = contextvars.copy_context().run
+            CALLER.reset(token)
+
+            def run(j: Job) -> None:
+                ctx_run(manager.run, req, j, hot, answer)
+        job = parts.pool.submit(req.key, run, parts.cfg.request_timeout)
         if job is not None:
             self._jobs[flow.id] = job
             job_done = job.future
@@ -450,6 +475,33 @@ class KVCache:
         return chunk
 
     # -- commands ------------------------------------------------------------------------
+
+    def _show_calls(self, parts: Parts) -> None:
+        """Tap the clients (or untap them) as kvcache_show_calls says."""
+        on = bool(getattr(ctx.options, "kvcache_show_calls", False))
+        view = getattr(ctx.master, "view", None)
+        if on and view is None:
+            logger.warning("[kvcache] kvcache_show_calls needs a flow list (mitmweb or "
+                           "mitmproxy); mitmdump has none")
+            on = False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            on = False
+        self.calls = CallFlows(loop, view.add) if on else None
+        tap = self.calls.tap if self.calls is not None else None
+        for client in (parts.router.lmcache, parts.router.tokenizer):
+            inner = getattr(client, "_client", None)
+            if inner is not None and hasattr(inner, "tap"):
+                inner.tap = tap
+        for client in (parts.manager.lmcache, parts.manager.engine):
+            inner = getattr(client, "_client", None)
+            if isinstance(inner, httpx.Client):
+                hooks = [h for h in inner.event_hooks.get("response", [])
+                         if getattr(h, "__self__", None).__class__ is not CallFlows]
+                if self.calls is not None:
+                    hooks.append(self.calls.httpx_hook)
+                inner.event_hooks = {**inner.event_hooks, "response": hooks}
 
     @command.command("kvcache.endpoints")
     def endpoints(self) -> str:
