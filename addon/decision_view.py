@@ -19,6 +19,10 @@ from mitmproxy import contentviews
 
 NAME = "kvcache"
 
+# With the `kvcache_view_auto` option, the view is the "Auto" choice for routed flows (the
+# screenshot script uses it; a user who inspects decisions more than bodies may too).
+AUTO = False
+
 _SOURCES = "held: view = what the cache view said; proxy = what this proxy sent there itself"
 
 
@@ -57,6 +61,11 @@ def render(meta: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _priority(flow: Any) -> float:
+    # Chosen by hand only, unless asked to be the default for routed flows.
+    return 10.0 if AUTO and _meta_of(flow) else 0.0
+
+
 def _meta_of(flow: Any) -> dict[str, Any] | None:
     return getattr(flow, "metadata", {}).get("kvcache") if flow is not None else None
 
@@ -70,7 +79,7 @@ if hasattr(contentviews, "Contentview"):  # mitmproxy 12 and later
             return "\n".join(render(_meta_of(getattr(metadata, "flow", None))))
 
         def render_priority(self, data: bytes, metadata: Any) -> float:
-            return 0.0  # chosen by hand only
+            return _priority(getattr(metadata, "flow", None))
 else:
     from mitmproxy.contentviews.base import TViewResult, View
 
@@ -84,7 +93,7 @@ else:
             return "kvcache routing decision", lines()
 
         def render_priority(self, data: bytes, **metadata: Any) -> float:
-            return 0.0  # chosen by hand only
+            return _priority(metadata.get("flow"))
 
 
 VIEW = DecisionView()

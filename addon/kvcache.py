@@ -102,12 +102,19 @@ class KVCache:
             "Path of the kvcache addon's YAML config (endpoints, LMCache controller, ...).",
         )
         loader.add_option(
+            "kvcache_view_auto", bool, False,
+            "Make the kvcache content view (the routing decision) the default view of "
+            "routed flows.",
+        )
+        loader.add_option(
             "kvcache_show_calls", bool, False,
             "Show the addon's own LMCache and /tokenize calls as flows (mitmweb, mitmproxy), "
             "each linked to the client flow it served.",
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "kvcache_view_auto" in updated:
+            decision_view.AUTO = bool(ctx.options.kvcache_view_auto)
         if "kvcache_show_calls" in updated and self.parts is not None:
             self._show_calls(self.parts)
         if "kvcache_config" not in updated:

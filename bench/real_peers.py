@@ -720,8 +720,11 @@ def verdict(c: Comparison) -> list[str]:
     if c.ratios(KV_EVENTS):
         # Issue 15: the kv-events view, with no controller at all, at least the fed one.
         kv = c.mean(KV_EVENTS)
-        out.append(f"issue 15: addon (kv events) {_pct(kv)} >= addon (fed) {_pct(fed)}: "
-                   f"{'yes' if kv >= fed else 'NO'}")
+        diffs = [(k - f) * 100 for k, f in zip(c.ratios(KV_EVENTS), c.ratios(FED),
+                                               strict=False)]
+        out.append(f"issue 15: addon (kv events) {_pct(kv)} >= addon (fed) {_pct(fed)} of the "
+                   f"same run: {'yes' if kv >= fed else 'NO'} ({(kv - fed) * 100:+.1f} pt; "
+                   "per seed " + ", ".join(f"{d:+.1f}" for d in diffs) + " pt)")
     return out
 
 

@@ -52,3 +52,16 @@ def test_a_saved_flow_renders_the_same_after_loading() -> None:
 def test_a_flow_that_was_not_routed_says_so() -> None:
     assert decision_view.render(None) == [
         "not routed by kvcache (no kvcache metadata on this flow)"]
+
+
+def test_it_is_the_auto_choice_only_when_asked() -> None:
+    f = tflow.tflow(resp=True)
+    f.metadata["kvcache"] = META
+    view = decision_view.VIEW
+    assert view.render_priority(b"{}", flow=f) == 0.0
+    decision_view.AUTO = True
+    try:
+        assert view.render_priority(b"{}", flow=f) > 1.0
+        assert view.render_priority(b"{}", flow=tflow.tflow(resp=True)) == 0.0  # not routed
+    finally:
+        decision_view.AUTO = False
