@@ -52,6 +52,7 @@ import os
 import platform
 import random
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,29 @@ SERVER_ARGS = ("--enable-scale-out",)
 # not read them): a ZMQ PUB socket the server BINDS (vLLM binds wildcard endpoints only),
 # the addon's subscriber connects to tcp://127.0.0.1:PORT.
 KV_TOPIC = "kv-events"
+
+
+def event_port() -> int:
+    """A free port for a server's KV-events publisher to bind, OUTSIDE the ephemeral range.
+
+    vLLM binds it only once its engine core is up, up to a minute after launch; a port from
+    ``free_port()`` (the kernel's ephemeral range) can meanwhile be handed to some outgoing
+    connection on this busy machine, and the server then dies with "Address already in
+    use" (seen once). Ports below the ephemeral range are only ever taken by explicit binds.
+    """
+    low, _ = 32768, 60999
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # vLLM binds tcp://*:port
+            except OSError:
+                continue
+            return port
+    return int(vllm_real.free_port())
 
 
 def kv_events_args(port: int) -> list[str]:
@@ -766,7 +790,9 @@ def started_fleet(log_dir: Path | None = None, log: Log = _log) -> Iterator[Flee
     events: dict[str, str] = {}
     try:
         for i, iid in enumerate(IDS):
-            port, ev_port = vllm_real.free_port(), vllm_real.free_port()
+            port, ev_port = vllm_real.free_port(), event_port()
+            while f"tcp://127.0.0.1:{ev_port}" in events.values():
+                ev_port = event_port()
             started.append(vllm_real.launch(
                 model, port, log_dir / f"vllm-{port}.log", cpus=vllm_real.cpu_share(i, len(IDS)),
                 extra_env=SERVER_ENV, extra_args=[*SERVER_ARGS, *kv_events_args(ev_port)]))

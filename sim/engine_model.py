@@ -230,8 +230,9 @@ class RequestPlan:
     evicted_chunks: list[int] = field(default_factory=list)
     # Block level (vLLM's KV cache events): the prompt's full blocks' hashes (capped at the
     # cache's capacity), the indices into them of the blocks this request stored (the
-    # others were cached already), and the hashes of the blocks it evicted.
-    block_hashes: Sequence[int] = ()
+    # others were cached already), and the hashes of the blocks it evicted. block_hashes is
+    # whatever sequence the caller passed (a list or the benchmark's tuple): not compared.
+    block_hashes: Sequence[int] = field(default=(), compare=False, repr=False)
     stored_blocks: list[int] = field(default_factory=list)
     evicted_blocks: list[int] = field(default_factory=list)
 

@@ -274,8 +274,16 @@ class KVEventsServers:
         self.vllm_real = vllm_real
         self.model = vllm_real.make_model()
         self.n = n
+        from bench.real_peers import event_port
+
+        # Events ports below the ephemeral range (event_port): vLLM binds its publisher only
+        # once its engine is up, and again after every restart on the same port.
+        ports: list[int] = []
+        while len(ports) < n:
+            if (p := event_port()) not in ports:
+                ports.append(p)
         self.servers = [
-            KVEventsServer(url="", port=vllm_real.free_port(), events_port=vllm_real.free_port(),
+            KVEventsServer(url="", port=vllm_real.free_port(), events_port=ports[i],
                            subscriber_binds=bool(i % 2), log_path=log_dir / f"vllm-kv-{i}.log")
             for i in range(n)]
 
