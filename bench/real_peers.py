@@ -393,6 +393,21 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], stream: bool
         return r.status_code, r.headers.get(ROUTE_HEADER, ""), err
 
 
+async def _post_again(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                      attempts: int = 3) -> httpx.Response:
+    """POST, again on a transport error: a pooled keep-alive connection the simulator's
+    server closed (5 s idle) just as it was reused fails with ReadError (seen once on a
+    loaded machine). Admitting the same chunks twice is harmless."""
+    for i in range(attempts):
+        try:
+            return await client.post(url, json=body)
+        except httpx.TransportError:
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 async def _drive(url: str, w: Workload, script: Script, tokens: list[list[list[int]]],
                  controller: str | None, res: RunResult) -> None:
     sem = asyncio.Semaphore(w.in_flight)  # FIFO: users take turns for the slots
@@ -427,7 +442,7 @@ async def _drive(url: str, w: Workload, script: Script, tokens: list[list[list[i
                                           info.get("matched", "")])
                     if controller is not None:
                         # LMCache's worker on the serving engine would report these chunks.
-                        fed = await feed.post(f"{controller}/sim/kv_events", json={
+                        fed = await _post_again(feed, f"{controller}/sim/kv_events", {
                             "instance_id": info["endpoint"],
                             "admitted": chunk_hashes(tokens[u][r])})
                         fed.raise_for_status()

@@ -42,6 +42,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from addon.metrics import check_listen
 from sim.cluster import Cluster, start_cluster
 from sim.proxy import ROOT, Proxy, command, mitmdumps, route_info, write_config
 from sim.redis_server import binary as redis_binary
@@ -78,6 +79,8 @@ class RunResult:
     wall_s: float = 0.0
     hits: float = 0.0
     queries: float = 0.0
+    # Decisions by reason as the addon's own metrics counted them (one proxy only).
+    counted: Counter[str] = field(default_factory=Counter)
 
     @property
     def requests(self) -> int:
@@ -202,15 +205,18 @@ def wait_kv_events_connected(proxy: Proxy, endpoint_ids: list[str],
 
 @contextlib.contextmanager
 def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool,
-                       state: dict[str, str] | None = None
+                       state: dict[str, str] | None = None, metrics: str = ""
                        ) -> Iterator[tuple[Cluster, list[str], Path]]:
-    """A fresh cluster and `args.replicas` mitmdumps (1 unless set) with the addon."""
+    """A fresh cluster and `args.replicas` mitmdumps (1 unless set) with the addon;
+    `metrics`: the (first) proxy's metrics_listen."""
     n = getattr(args, "replicas", 1) or 1
     name = ("on" if routing else "off") + (f"-{state['backend']}" if state else "")
     kv_events = getattr(args, "cache_view", "controller") == "kv_events"
     with start_cluster(args.engines, args.time_scale, capacity_tokens=args.capacity_tokens,
                        mode="process", kv_events=kv_events) as cluster:
         extra: dict[str, object] = {"state": state} if state else {}
+        if metrics and (getattr(args, "replicas", 1) or 1) == 1:
+            extra["metrics_listen"] = metrics
         # --controller-down: nothing listens there (the addon routes from its own memory).
         # kv_events: the addon must not need the controller, so it is not told where it is.
         dead = getattr(args, "controller_down", False) or kv_events
@@ -234,10 +240,24 @@ def _cluster_and_proxy(args: argparse.Namespace, out: Path, routing: bool,
 def run_once(args: argparse.Namespace, w: Workload, out: Path, routing: bool,
              state: dict[str, str] | None = None, name: str = "") -> RunResult:
     result = RunResult(name or ("on" if routing else "off"))
-    with _cluster_and_proxy(args, out, routing, state) as (cluster, urls, _cfg):
+    port = free_port()
+    with _cluster_and_proxy(args, out, routing, state, f"127.0.0.1:{port}") as (
+            cluster, urls, _cfg):
         asyncio.run(_drive(urls, w, result, args.time_scale))
         _scrape(cluster, result)
+        if len(urls) == 1:
+            result.counted = _decisions(f"http://127.0.0.1:{port}/metrics")
     return result
+
+
+def _decisions(url: str) -> Counter[str]:
+    """The addon's own count of its decisions by reason (its Prometheus metrics)."""
+    out: Counter[str] = Counter()
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for s in fam.samples:
+            if s.name == "kvcache_routing_decisions_total":
+                out[s.labels["reason"]] += int(s.value)
+    return out
 
 
 def run_replicas(args: argparse.Namespace, w: Workload, out: Path) -> list[RunResult]:
@@ -312,6 +332,9 @@ def report(w: Workload, args: argparse.Namespace, runs: list[RunResult]) -> str:
     for r in runs[1:]:
         lines.append(f"routing decisions ({LABELS[r.name]}): " + ", ".join(
             f"{k} {v}" for k, v in r.reasons.most_common()))
+        if r.counted:
+            lines.append("  the addon's own metrics (kvcache_routing_decisions_total): "
+                         + ", ".join(f"{k} {v}" for k, v in r.counted.most_common()))
     return "\n".join(lines)
 
 
@@ -353,17 +376,27 @@ def chart(runs: list[RunResult], path: Path) -> None:
 def keep_running(args: argparse.Namespace, out: Path) -> None:
     # One proxy to point mitmweb's users at, whatever --replicas measured.
     args = argparse.Namespace(**{**vars(args), "replicas": 1})
-    with _cluster_and_proxy(args, out, routing=True) as (cluster, urls, cfg):
+    metrics = "127.0.0.1:9464"
+    if check_listen("127.0.0.1", 9464) is not None:
+        metrics = f"127.0.0.1:{free_port()}"
+    with _cluster_and_proxy(args, out, True, None, metrics) as (cluster, urls, cfg):
         url = urls[0]
-        web = " ".join(command(cfg, out / "mitmweb-conf", "127.0.0.1:8090", "mitmweb"))
+        # mitmweb gets the same config but its own metrics port (mitmdump holds this one).
+        web_cfg = cfg.with_name("config-mitmweb.yaml")
+        web_cfg.write_text(cfg.read_text().replace(metrics, f"127.0.0.1:{free_port()}"))
+        web = " ".join(command(web_cfg, out / "mitmweb-conf", "127.0.0.1:8090", "mitmweb"))
         web = web.replace(str(ROOT) + "/", "")
         print(f"\nThe cluster is up (routing on). Controller: {cluster.controller_url}")
         for iid, eurl in cluster.engine_urls.items():
             kv = cluster.kv_events_urls.get(iid)
             print(f"  {iid}: {eurl}" + (f" (KV cache events on {kv})" if kv else ""))
-        print(f"mitmdump with the addon: {url}\n")
-        print("To inspect routing decisions in mitmweb (flow comments, 🎯 marks, headers):")
-        print(f"  {web} --set web_columns=comment,path,method,status,size,time\n")
+        print(f"mitmdump with the addon: {url}")
+        print(f"its Prometheus metrics: curl -s http://{metrics}/metrics | grep kvcache_\n")
+        print("To inspect routing decisions in mitmweb (flow comments, 🎯 marks, headers, the")
+        print("kvcache view of each decision, and the addon's own calls as flows):")
+        cols = " ".join(f"--set web_columns={c}"
+                        for c in ("comment", "path", "method", "status", "size", "time"))
+        print(f"  {web} {cols} --set kvcache_show_calls=true --set kvcache_view_auto=true\n")
         print(f"then send requests to http://127.0.0.1:8090 (or to {url}), e.g.:")
         print(f"  curl -s {url}/v1/completions -H 'content-type: application/json' "
               f"-d '{{\"model\": \"{MODEL}\", \"prompt\": \"hello\", \"max_tokens\": 4}}' -i")

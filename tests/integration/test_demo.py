@@ -30,6 +30,12 @@ def test_routing_on_beats_routing_off_on_hit_ratio(tmp_path: Path) -> None:
     # three; on, nearly always.
     assert on.hit_ratio > off.hit_ratio + 0.1, (on.hit_ratio, off.hit_ratio)
     assert on.reasons["cache-hit"] >= 10  # the second and third rounds of each user
+    # The addon's own Prometheus counters tell the same story as the route headers.
+    from collections import Counter
+    by_reason: Counter[str] = Counter()
+    for label, n in on.reasons.items():
+        by_reason[label.split(" (")[0]] += n
+    assert on.counted == by_reason and sum(on.counted.values()) == 18
 
 
 def test_report_and_chart_are_written(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
