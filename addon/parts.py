@@ -84,13 +84,20 @@ class Parts:
     def _start_kv_events(self, loop: asyncio.AbstractEventLoop, sub: KVEventsSubscriber,
                          index: KVBlockIndex) -> None:
         router = self.router
+        lost: set[str] = set()  # endpoints forgotten since their publisher went away
 
         def apply(u: KVUpdate) -> None:
             apply_update(index, u)
             if u.reset in ("disconnected", "restart") or (u.fresh and u.seq == 0):
                 # Its server went away or came back empty: the proxy's own memory of what
-                # finished there is as stale as the view.
-                router.cache_lost(u.endpoint)
+                # finished there is as stale as the view. Once per outage: the first batch
+                # of the restarted server must not forget what was routed there since.
+                if u.endpoint not in lost:
+                    router.cache_lost(u.endpoint)
+                if u.reset == "disconnected":
+                    lost.add(u.endpoint)
+                else:
+                    lost.discard(u.endpoint)
 
         def deliver(u: KVUpdate) -> None:
             try:

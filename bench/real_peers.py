@@ -719,8 +719,11 @@ def render(c: Comparison, command: str) -> str:
             lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in total.most_common())
                          + f"; a user's next turn went to another server {sum(m for m, _ in moved)}"
                          f" times in {sum(n for _, n in moved)} follow-up turns"
-                         + (f"; the servers' KV-event streams: {len(kv_warned)} warnings "
-                            "(a view dropped)" if kv_warned else
+                         + (f"; the servers' KV-event streams: {len(kv_warned)} warning(s), "
+                            "each a view dropped although no server restarted (a "
+                            "disconnect also forgets the proxy's memory of that server): "
+                            + "; ".join(f"`{_warning_text(w)}`" for w in kv_warned[:6])
+                            if kv_warned else
                             "; the servers' KV-event streams: no view dropped (no disconnect, "
                             "gap or restart)" if name == KV_EVENTS else ""))
     lines += ["", "## Against the issue's criteria", ""]
@@ -742,6 +745,11 @@ def render(c: Comparison, command: str) -> str:
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in errors[:20]]
     return "\n".join(lines) + "\n"
+
+
+def _warning_text(line: str) -> str:
+    """The addon's warning without mitmdump's time stamp and the log prefix."""
+    return line.split("[kvcache] ", 1)[-1]
 
 
 def verdict(c: Comparison) -> list[str]:
