@@ -42,7 +42,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 CHUNK_SIZE = 256
 DEFAULT_LOCATION = "LocalCPUBackend"
@@ -55,12 +55,82 @@ class ShimError(RuntimeError):
     """The shim answered ``ok: false`` or went away."""
 
 
-class WorkerShim:
-    """Runs ``sim/lmcache_worker.py`` under the lmcache venv's python and talks to it.
+class JsonLineChild:
+    """A long-lived child process (here: one running inside the lmcache venv) that answers
+    one JSON line on stdout per JSON-line request on stdin, and first says ``{"ready":
+    true}``. Calls are serialised (one request in flight) and each waits at most
+    ``timeout`` s for its answer, so a wedged child fails a test instead of hanging it."""
 
-    Calls are serialised (one request in flight) and each waits at most ``timeout`` s for
-    its answer, so a wedged shim fails a test instead of hanging it.
-    """
+    error: type[RuntimeError] = RuntimeError
+    what = "child"
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], *, timeout: float,
+                 stderr_path: str | Path | None) -> None:
+        self._stderr = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env=env, text=True, bufsize=1,
+        )
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._next_id = 0
+        ready = self._read(timeout=120.0)  # importing lmcache (torch) takes seconds
+        if not ready.get("ready"):
+            raise self.error(f"{self.what} did not start: {ready}")
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self._proc.stdout.readline()))  # type: ignore[union-attr]
+        reader.daemon = True
+        reader.start()
+        reader.join(timeout)
+        if not box:
+            raise self.error(f"{self.what} gave no answer within {timeout} s")
+        if not box[0]:
+            raise self.error(f"{self.what} exited (status {self._proc.poll()})")
+        return json.loads(box[0])
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            self._next_id += 1
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(json.dumps({"id": self._next_id, "op": op, **args}) + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError) as e:
+                raise self.error(f"{self.what} is gone: {e}") from None
+            answer = self._read(self._timeout)
+        if not answer.get("ok"):
+            raise self.error(f"{op}: {answer.get('error')}")
+        return answer
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("quit")
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+        for stream in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(Exception):
+                stream.close()  # type: ignore[union-attr]
+        if self._stderr is not subprocess.DEVNULL:
+            self._stderr.close()  # type: ignore[union-attr]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WorkerShim(JsonLineChild):
+    """Runs ``sim/lmcache_worker.py`` under the lmcache venv's python and talks to it."""
+
+    error = ShimError
+    what = "shim"
 
     def __init__(
         self,
@@ -76,49 +146,9 @@ class WorkerShim:
         # The shim and the controller must hash alike; see the module docstring.
         env["PYTHONHASHSEED"] = hashseed
         env.pop("PYTHONPATH", None)  # the proxy's packages must not shadow the lmcache venv's
-        self._stderr = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
-        self._proc = subprocess.Popen(
+        super().__init__(
             [str(python), str(Path(__file__).resolve()), "--pull", pull, "--reply", reply],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-            text=True,
-            bufsize=1,
-        )
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._next_id = 0
-        ready = self._read(timeout=120.0)  # importing lmcache (torch) takes seconds
-        if not ready.get("ready"):
-            raise ShimError(f"shim did not start: {ready}")
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self._proc.stdout is not None
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self._proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.daemon = True
-        reader.start()
-        reader.join(timeout)
-        if not box:
-            raise ShimError(f"shim gave no answer within {timeout} s")
-        if not box[0]:
-            raise ShimError(f"shim exited (status {self._proc.poll()})")
-        return json.loads(box[0])
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        with self._lock:
-            self._next_id += 1
-            assert self._proc.stdin is not None
-            try:
-                self._proc.stdin.write(json.dumps({"id": self._next_id, "op": op, **args}) + "\n")
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError) as e:
-                raise ShimError(f"shim is gone: {e}") from None
-            answer = self._read(self._timeout)
-        if not answer.get("ok"):
-            raise ShimError(f"{op}: {answer.get('error')}")
-        return answer
+            env, timeout=timeout, stderr_path=stderr_path)
 
     def register(self, instance_id: str, worker_id: int = 0, hash_seed: int = 0) -> int:
         """Register a worker; returns the port of its REP socket."""
@@ -155,27 +185,6 @@ class WorkerShim:
 
     def held(self, instance_id: str) -> dict[str, list[int]]:
         return self.call("held", instance_id=instance_id)["held"]
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call("quit")
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=5)
-        for stream in (self._proc.stdin, self._proc.stdout):
-            with contextlib.suppress(Exception):
-                stream.close()  # type: ignore[union-attr]
-        if self._stderr is not subprocess.DEVNULL:
-            self._stderr.close()  # type: ignore[union-attr]
-
-    def __enter__(self) -> WorkerShim:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # --- the shim (lmcache venv) ---------------------------------------------------------------
 

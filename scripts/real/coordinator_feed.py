@@ -31,12 +31,17 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# The client half reuses the worker shim's JSON-line child; the feeder half runs in the
+# lmcache venv, where this checkout is not installed (sim.lmcache_worker imports only the
+# standard library).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from sim.lmcache_worker import JsonLineChild  # noqa: E402
 
 CHUNK_SIZE = 256
 
@@ -48,9 +53,12 @@ class FeederError(RuntimeError):
     """The feeder answered ``ok: false`` or went away."""
 
 
-class CoordinatorFeeder:
+class CoordinatorFeeder(JsonLineChild):
     """Runs this file under the lmcache venv's python and talks to it, one call at a time;
     each call waits at most ``timeout`` s, so a wedged feeder fails a test, never hangs it."""
+
+    error = FeederError
+    what = "feeder"
 
     def __init__(
         self,
@@ -63,46 +71,10 @@ class CoordinatorFeeder:
     ) -> None:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the proxy's packages must not shadow the lmcache venv's
-        self._stderr = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
-        self._proc = subprocess.Popen(
+        super().__init__(
             [str(python), str(Path(__file__).resolve()), "--coordinator", coordinator_url,
              "--chunk-size", str(chunk_size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
-            text=True, bufsize=1,
-        )
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._next_id = 0
-        ready = self._read(timeout=120.0)  # importing lmcache (torch) takes seconds
-        if not ready.get("ready"):
-            raise FeederError(f"feeder did not start: {ready}")
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self._proc.stdout is not None
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self._proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.daemon = True
-        reader.start()
-        reader.join(timeout)
-        if not box:
-            raise FeederError(f"feeder gave no answer within {timeout} s")
-        if not box[0]:
-            raise FeederError(f"feeder exited (status {self._proc.poll()})")
-        return json.loads(box[0])
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        with self._lock:
-            self._next_id += 1
-            assert self._proc.stdin is not None
-            try:
-                self._proc.stdin.write(json.dumps({"id": self._next_id, "op": op, **args}) + "\n")
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError) as e:
-                raise FeederError(f"feeder is gone: {e}") from None
-            answer = self._read(self._timeout)
-        if not answer.get("ok"):
-            raise FeederError(f"{op}: {answer.get('error')}")
-        return answer
+            env, timeout=timeout, stderr_path=stderr_path)
 
     def register(self, instance_id: str) -> int:
         """Register an MP server with the coordinator; returns its stub's HTTP port."""
@@ -134,26 +106,6 @@ class CoordinatorFeeder:
 
     def deregister(self, instance_id: str) -> None:
         self.call("deregister", instance_id=instance_id)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call("quit")
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=5)
-        for stream in (self._proc.stdin, self._proc.stdout):
-            with contextlib.suppress(Exception):
-                stream.close()  # type: ignore[union-attr]
-        if self._stderr is not subprocess.DEVNULL:
-            self._stderr.close()  # type: ignore[union-attr]
-
-    def __enter__(self) -> CoordinatorFeeder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- the feeder (lmcache venv) -------------------------------------------------------------
