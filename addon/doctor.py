@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -42,7 +42,7 @@ import httpx
 
 from addon.config import ConfigError, KVCacheConfig, load_config_file
 from addon.coordinator import Coordinator, probe_view
-from addon.lmcache import LMCache, parse_lookup
+from addon.lmcache import LMCache, LookupResult, parse_lookup
 from addon.resilience import StatusError, UnparsableResponse
 
 CHUNK = 256
@@ -332,27 +332,40 @@ class Doctor:
             return None
         return iid
 
-    def check_lookup(self, tokens: list[int], known: set[str] | None) -> None:
-        if len(tokens) < CHUNK:
-            return
+    def _settled_lookup(
+        self, lookup: Callable[[list[int], float], LookupResult], path: str,
+        tokens: list[int], known: set[str] | None,
+    ) -> tuple[str | None, str | None, LookupResult] | None:
+        """Serve the probe prompt once (unless --no-warmup), then look it up until the cache
+        view reports it or `settle` seconds pass (LMCache workers and MP servers report their
+        chunks a moment after storing them): (the endpoint that served it, the instance whose
+        match is awaited, the last answer); None when the lookup failed (said as a FAIL)."""
         served = self._warm(known) if self.warmup else None
-        # The served endpoint's id is its instance id only if the controller knows it (an
+        # The served endpoint's id is its instance id only if the cache view knows it (an
         # id mismatch hides under which id the prompt got stored).
         target = served if served and known and served in known else None
         deadline = time.monotonic() + (self.settle if served else 0.0)
         while True:
             try:
-                res = self.lm.lookup(tokens, self.timeout)
+                res = lookup(tokens, self.timeout)
             except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
-                self.add("lookup", "fail", f"/lookup with the prompt's {len(tokens)} tokens "
+                self.add("lookup", "fail", f"{path} with the prompt's {len(tokens)} tokens "
                          f"failed ({type(e).__name__}: {e}).")
-                return
+                return None
             # After a warm-up only the served instance's match tells whether its hashes
-            # agree with the controller's; others may hold the prompt from earlier runs.
+            # agree with the cache view's; others may hold the prompt from earlier runs.
             done = (target in res.matches) if target else bool(res.matches)
             if done or time.monotonic() >= deadline:
-                break
+                return served, target, res
             time.sleep(0.1)
+
+    def check_lookup(self, tokens: list[int], known: set[str] | None) -> None:
+        if len(tokens) < CHUNK:
+            return
+        found = self._settled_lookup(self.lm.lookup, "/lookup", tokens, known)
+        if found is None:
+            return
+        served, target, res = found
         if res.matches and (not target or target in res.matches):
             best = max(res.matches, key=lambda i: res.matches[i])
             routable = best in self.t.endpoints
@@ -564,21 +577,10 @@ class CoordinatorDoctor(Doctor):
         """True: the prompt was found; False: served and not found; None: not tested."""
         if len(tokens) < self.chunk:
             return None
-        served = self._warm(known) if self.warmup else None
-        target = served if served and known and served in known else None
-        deadline = time.monotonic() + (self.settle if served else 0.0)
-        while True:
-            try:
-                res = self.co.lookup(tokens, self.timeout)
-            except (httpx.HTTPError, StatusError, UnparsableResponse) as e:
-                self.add("lookup", "fail", f"/directory/lookup with the prompt's {len(tokens)} "
-                         f"tokens failed ({type(e).__name__}: {e}).")
-                return None
-            done = (target in res.matches) if target else bool(res.matches)
-            # MP servers flush events about once a second: wait for the flush.
-            if done or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
+        found = self._settled_lookup(self.co.lookup, "/directory/lookup", tokens, known)
+        if found is None:
+            return None
+        served, target, res = found
         if res.matches and (not target or target in res.matches):
             best = max(res.matches, key=lambda i: res.matches[i])
             routable = best in self.t.endpoints

@@ -683,7 +683,8 @@ _REASONS = {
 _WHYS = {
     "no-match": "no endpoint held any 256-token chunk of it",
     "short-prompt": "the prompt is shorter than one 256-token chunk",
-    "controller-behind": "beyond what the cache view knew",
+    "controller-behind": "beyond what the LMCache controller knew",
+    "view-behind": "beyond what the cache view (coordinator, KV events) knew",
     "unknown-instance": "the view named an instance that is no configured endpoint",
     "holder-busy": "the holder's queued prefill outweighed the cached tokens",
     "hot-prefix": "a hot prefix gets more than one holder",

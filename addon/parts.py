@@ -193,7 +193,7 @@ def build(cfg: KVCacheConfig, lag: Callable[[], float] = lambda: 0.0,
         tokenizer_breaker=tokenizer_breaker, failure_log=failure_log,
         policy=policy_params(cfg), slow_backoff=cfg.slow_backoff,
         probe_timeout=cfg.request_timeout, tokenize_max_chars=cfg.tokenize_max_chars,
-        lag=lag, busy=busy, answer_ttl=cfg.lookup_reuse_ttl,
+        lag=lag, busy=busy, answer_ttl=cfg.lookup_reuse_ttl, view=view,
     )
     if warning := validate_compress_method(cs.compress_method):
         logger.warning(f"[kvcache] {warning}")

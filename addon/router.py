@@ -171,8 +171,13 @@ class Router:
         busy: Callable[[], float] = lambda: 0.0,
         answer_ttl: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        view: str = "controller",
     ) -> None:
         self.policy = policy or PolicyParams()
+        # Why a match from the proxy's own memory went beyond the cache view's answer:
+        # "controller-behind" for the LMCache controller (its historical name, kept for
+        # dashboards), "view-behind" for the MP coordinator and KV events.
+        self.behind = "controller-behind" if view == "controller" else "view-behind"
         # Timeouts at the request path's tight budget say "slow right now", not "down": they
         # do not open the services' breakers (which would stop routing for recovery_timeout,
         # and stop background tokenization too). They pause the request path's own calls for
@@ -558,7 +563,7 @@ class Router:
                 # controller reports there (less is only its 256-token granularity: the
                 # tail of a chat's previous turn on the endpoint the controller names).
                 self.stats.local_hits += 1
-                why = "unknown-instance" if unknown else "controller-behind"
+                why = "unknown-instance" if unknown else self.behind
                 return Decision(choice.endpoint_id, "local-hit", why, choice.matched_tokens,
                                 n, source, ms, unknown, chunks, answer, how, table)
             self.stats.cache_hits += 1

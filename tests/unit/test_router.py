@@ -51,13 +51,13 @@ class FakeTokenizer:
 
 def make(lookup: FakeLookup, tokenizer: FakeTokenizer | None = None, budget: float = 0.2,
          cache: TokenCache | None = None, breaker: CircuitBreaker | None = None,
-         policy: PolicyParams | None = None) -> Router:
+         policy: PolicyParams | None = None, view: str = "controller") -> Router:
     return Router(
         budget=budget, state=EndpointState(IDS, 10), balancer=LoadBalancer("round_robin"),
         token_cache=cache if cache is not None else TokenCache(100, 60), lmcache=lookup,
         tokenizer=tokenizer, controller_breaker=breaker or CircuitBreaker(3, 10, 1),
         tokenizer_breaker=CircuitBreaker(3, 10, 1), failure_log=RateLimitedLog(),
-        policy=policy,
+        policy=policy, view=view,
     )
 
 
@@ -144,6 +144,18 @@ async def test_token_ids_in_request_need_no_tokenizer() -> None:
 
 def ids_req(tokens: tuple[int, ...], key: str = "t") -> LLMRequest:
     return LLMRequest("/v1/completions", "m", "", key, "completion", token_ids=tokens)
+
+
+@pytest.mark.parametrize(("view", "why"), [("controller", "controller-behind"),
+                                           ("kv_events", "view-behind"),
+                                           ("coordinator", "view-behind")])
+async def test_own_memory_beyond_the_view_is_labelled_by_the_view(view: str, why: str) -> None:
+    r = make(FakeLookup(LookupResult({})), view=view)
+    doc = tuple(range(2600))
+    first = await r.route(ids_req(doc))
+    r.started("f1", first)
+    d = await r.route(ids_req(doc + (7,) * 300, "t2"))
+    assert (d.reason, d.why) == ("local-hit", why)
 
 
 async def test_in_flight_prefix_is_merged_before_the_controller_knows() -> None:
