@@ -77,13 +77,16 @@ def resolve(name: str, cfg: SimConfig) -> tuple[Any, SimConfig]:
     m = re.fullmatch(r"ours\[stale-([0-9.]+)s\]", name)
     if m:
         return Ours(name), replace(cfg, staleness_s=float(m.group(1)))
-    m = re.fullmatch(r"ours\[(down,)?(\w+)=([0-9.]+)\]", name)
+    # ours[knob=value] or, several knobs at once, ours[knob=value+knob=value].
+    m = re.fullmatch(r"ours\[(down,)?(\w+=[0-9.]+(?:\+\w+=[0-9.]+)*)\]", name)
     if m:
-        field, raw = m.group(2), m.group(3)
-        value: float | int = float(raw) if "." in raw else int(raw)
-        params = params_with(**{field: value})
+        knobs: dict[str, float | int] = {}
+        for item in m.group(2).split("+"):
+            field, raw = item.split("=")
+            knobs[field] = float(raw) if "." in raw else int(raw)
+        params = params_with(**knobs)
         if params is None:
-            raise ValueError(f"the addon's PolicyParams has no {field}")
+            raise ValueError(f"the addon's PolicyParams has no {', '.join(knobs)}")
         return Ours(name, params), replace(cfg, controller_down=bool(m.group(1)))
     return policy_factories()[name](), cfg
 

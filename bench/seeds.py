@@ -22,14 +22,14 @@ from pathlib import Path
 from bench import report
 from bench.des import SimConfig
 from bench.policies import params_with, policy_factories
-from bench.run import run_parallel, simulate, sweep_name
+from bench.run import run_parallel, simulate
 from bench.workloads import DEFAULT_TRACE, Workload, standard_workloads
 
 # The addon's policy with one knob changed: what each part of the policy is worth.
-OURS_VARIANTS: dict[str, tuple[str, float]] = {
-    "ours, no hot-prefix spreading": ("hot_half_life", 0),
-    "ours, no congestion weight": ("congestion_tokens", 0),
-    "ours, copies credited in full": ("hot_copy_credit", 1),
+OURS_VARIANTS: dict[str, tuple[tuple[str, float], ...]] = {
+    "ours, no hot-prefix spreading": (("hot_half_life", 0),),
+    "ours, no congestion weight": (("congestion_tokens", 0),),
+    "ours, copies credited in full": (("hot_copy_credit", 1),),
 }
 
 _WORKLOADS: dict[tuple[int, str], Workload] = {}
@@ -55,14 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     variants_spec = dict(OURS_VARIANTS)
     for item in args.vary:
-        knob, _, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            ap.error(f"--vary {item}: expected KNOB=NUMBER")
-        if params_with(**{knob: number}) is None:
-            ap.error(f"--vary {item}: PolicyParams has no knob {knob!r}")
-        variants_spec[f"ours, {knob} {value}"] = (knob, number)
+        knobs: list[tuple[str, float]] = []
+        for part in item.split("+"):
+            knob, _, value = part.partition("=")
+            try:
+                knobs.append((knob, float(value)))
+            except ValueError:
+                ap.error(f"--vary {item}: expected KNOB=NUMBER[+KNOB=NUMBER...]")
+        if params_with(**dict(knobs)) is None:
+            ap.error(f"--vary {item}: PolicyParams has no knob among {[k for k, _ in knobs]}")
+        variants_spec["ours, " + ", ".join(f"{k} {v:g}" for k, v in knobs)] = tuple(knobs)
     t0 = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for seed in seeds:
@@ -81,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = sat.at if sat.at is not None else len(w.load_factors) - 1
         cells += [(s, wname, lv) for lv in range(top + 1)]
     peers = [p for p in policy_factories() if not report.is_ours(p) and p != "oracle"]
-    variants = {label: sweep_name(k, v) for label, (k, v) in variants_spec.items()}
+    variants = {label: "ours[" + "+".join(f"{k}={v:g}" for k, v in knobs) + "]"
+                for label, knobs in variants_spec.items()}
     rows = ["ours", *variants.values()]
     keys = [(s, w, lv, p) for s, w, lv in cells for p in peers + rows
             if p != "round-robin"]
@@ -98,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "least-loaded, for hot-prefix against round robin). The trace replays fixed arrival "
         "times, so its seeds differ only in the policies' random tie-breaks.", "",
         "Rows: `ours` is the addon's defaults; "
-        + "; ".join(f"`{label}` sets `{k}: {v:g}`" for label, (k, v) in variants_spec.items())
+        + "; ".join(f"`{label}` sets " + ", ".join(f"`{k}: {v:g}`" for k, v in knobs)
+                    for label, knobs in variants_spec.items())
         + ".", "",
     ]
     held: dict[str, list[bool]] = {r: [] for r in rows}
