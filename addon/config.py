@@ -239,6 +239,7 @@ class KVCacheConfig(_Section):
     routing_load_unit: Literal["tokens", "requests"] = "tokens"
     routing_prefill_share: Annotated[float, Field(ge=0.0, le=4.0)] = 0.7
     routing_request_tokens: Count = 160
+    routing_request_output_tokens: Count = 160
     routing_track_inflight: bool = True
     routing_recent_tokens: Count = 100_000
     routing_hot_half_life: Duration = 10.0

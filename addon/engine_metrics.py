@@ -3,9 +3,12 @@
 What the proxy sees of a request (its first streamed byte, its end) says nothing about a
 non-streamed request's prefill, nor about traffic that did not pass through this proxy. The
 engine's own gauges do: `vllm:num_requests_waiting` (not yet scheduled: its prefill has not
-started) and `vllm:num_requests_running`. Every `interval` seconds this thread reads them
-from every endpoint and hands them to the event loop (`deliver`), which reconciles them with
-the proxy's own view (`PrefixIndex.engine_report`). Never on the request path: a scrape
+started) and `vllm:num_requests_running`, and two counters, the requests that produced a
+first token (`vllm:time_to_first_token_seconds_count`) and those that ended
+(`vllm:request_success_total`), whose difference is the requests decoding. Every
+`interval` seconds this thread reads them from every endpoint and hands them to the event
+loop (`deliver`), which reconciles them with the proxy's own view
+(`PrefixIndex.engine_report`). Never on the request path: a scrape
 that fails or is late leaves the proxy's own view in charge (counted, logged once a minute).
 """
 
@@ -26,6 +29,10 @@ logger = logging.getLogger(__name__)
 WAITING = b"vllm:num_requests_waiting"
 RUNNING = b"vllm:num_requests_running"
 KV_USAGE = b"vllm:kv_cache_usage_perc"
+# Counters: requests that produced a first token (the count of vLLM's TTFT histogram) and
+# requests that ended, whatever the reason (stop, length, abort, error, ...).
+FIRST_TOKENS = b"vllm:time_to_first_token_seconds_count"
+FINISHED = b"vllm:request_success_total"
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,15 @@ class EngineReading:
     waiting: int
     running: int
     kv_usage: float  # 0..1, or -1 when the engine does not report it
+    # Cumulative counts (None when the page lacks them): their difference is the requests
+    # decoding, so the proxy knows how many prefills are over without streamed answers.
+    first_tokens: int | None = None
+    finished: int | None = None
 
 
 def _sum_gauge(text: bytes, name: bytes) -> float | None:
-    """The sum of a gauge's samples over its label sets (a data-parallel server reports
-    one per engine), or None when absent.
+    """The sum of a gauge's (or counter's) samples over its label sets (a data-parallel
+    server reports one per engine), or None when absent.
 
     Hand-written: vLLM's page is ~55 KB of mostly histograms and it ignores prometheus'
     `name[]` filter; `prometheus_client.parser` turns every line into objects (~200x
@@ -67,7 +78,11 @@ def parse(text: bytes) -> EngineReading | None:
     if waiting is None or running is None:
         return None
     kv = _sum_gauge(text, KV_USAGE)
-    return EngineReading(int(waiting), int(running), -1.0 if kv is None else kv)
+    first, done = _sum_gauge(text, FIRST_TOKENS), _sum_gauge(text, FINISHED)
+    counted = first is not None and done is not None
+    return EngineReading(int(waiting), int(running), -1.0 if kv is None else kv,
+                         int(first) if counted and first is not None else None,
+                         int(done) if counted and done is not None else None)
 
 
 @dataclass

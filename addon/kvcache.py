@@ -410,7 +410,7 @@ class KVCache:
         if req is None:
             parts.router.started(flow.id, d)
         else:
-            parts.router.started(flow.id, d, req.stream, req.key)
+            parts.router.started(flow.id, d, req.stream, req.key, req.max_tokens)
         self._flow_endpoint[flow.id] = d.endpoint_id
         self._by_client[flow.client_conn.id] = flow
         meta = d.as_metadata()

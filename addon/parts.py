@@ -123,7 +123,8 @@ class Parts:
             if reading is None:
                 router.engine_lost(eid)
             else:
-                router.engine_report(eid, reading.waiting, reading.running, seq)
+                router.engine_report(eid, reading.waiting, reading.running, seq,
+                                     reading.first_tokens, reading.finished)
 
         def deliver(eid: str, reading: EngineReading | None, seq: int) -> None:
             try:

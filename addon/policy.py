@@ -87,8 +87,13 @@ class PolicyParams:
     # Share of a routed request's uncached tokens counted as load until its prefill is seen
     # to be over: a new request queues behind part of it on average, not all of it.
     prefill_share: float = 0.7
-    # Load per unfinished request, in tokens: its decode slot (and it spreads ties).
+    # Load per unfinished request, in tokens: its decode slot (and it spreads ties), for a
+    # request whose answer may be `request_output_tokens` long (its max_tokens). An answer of
+    # at most N tokens holds its slot for N decode steps: a request asking for fewer counts
+    # proportionally less, one asking for more up to MAX_OUTPUT_WEIGHT times as much, and
+    # one that does not say counts once. 0: every request counts once.
     request_tokens: int = 160
+    request_output_tokens: int = 160
     # Merge the prefixes of requests in flight into the controller's matches: the controller
     # learns a prefix only once its prefill is over.
     track_inflight: bool = True
@@ -123,6 +128,19 @@ class PolicyParams:
     # prefill (Llama-3.1-8B on an H100) against loading 128 KiB of KV per token over PCIe
     # at about 50 GB/s (2.6 us).
     lower_tier_cost: float = 0.08
+
+
+# The most one request's max_tokens can weigh against `request_output_tokens`: clients that
+# ask for tens of thousands "to be safe" rarely get that many.
+MAX_OUTPUT_WEIGHT = 4.0
+
+
+def request_weight(max_tokens: int | None, params: PolicyParams) -> float:
+    """How many requests' worth of per-request load one request with this max_tokens is."""
+    ref = params.request_output_tokens
+    if max_tokens is None or ref <= 0:
+        return 1.0
+    return min(max(max_tokens, 1) / ref, MAX_OUTPUT_WEIGHT)
 
 
 def choose(

@@ -121,6 +121,7 @@ class _Tracked:
     sent: float = 0.0  # when it was routed, on the index's clock
     started: bool = False  # its prefill is known to have started
     prefill_end: float = 0.0  # estimated end of a prefill a report saw start (0: none)
+    weight: float = 1.0  # requests' worth of per-request load (policy.request_weight)
 
 
 @dataclass
@@ -137,6 +138,10 @@ class _EngineView:
     # learned from reports (0: not known yet); the proxy's started-tokens count at `at`.
     rate: float = 0.0
     starts: int = 0
+    # first tokens - finished requests, cumulative counters, when the engine last had
+    # nothing running: what the difference counts beyond the requests decoding (requests
+    # that finished without a first token: aborted, failed). 0 until such a report.
+    decode_offset: int = 0
 
 
 class PrefixIndex:
@@ -170,6 +175,7 @@ class PrefixIndex:
         self._recent: dict[str, OrderedDict[int, None]] = {}
         self._pending: dict[str, int] = {}
         self._count: dict[str, int] = {}
+        self._weight: dict[str, float] = {}  # per endpoint, the sum of its requests' weights
         # Per endpoint, its requests whose prefill is still counted, oldest first.
         self._unprefilled: dict[str, OrderedDict[Hashable, None]] = {}
         self._views: dict[str, _EngineView] = {}
@@ -191,9 +197,10 @@ class PrefixIndex:
 
     def add(
         self, rid: Hashable, endpoint: str, hashes: Sequence[int], uncached_tokens: int,
-        watched: bool = False,
+        watched: bool = False, weight: float = 1.0,
     ) -> None:
-        """A request was routed to `endpoint`."""
+        """A request was routed to `endpoint`; `weight`: how many requests' worth of the
+        per-request load it carries (`policy.request_weight`)."""
         if rid in self._requests:
             self.remove(rid)
         while len(self._requests) >= self.max_tracked:
@@ -204,11 +211,12 @@ class PrefixIndex:
             self._ids.append(endpoint)
         self.seq += 1
         t = _Tracked(endpoint, tuple(hashes), max(uncached_tokens, 0), self.seq, watched,
-                     self.clock() if self._views else 0.0)
+                     self.clock() if self._views else 0.0, weight=weight)
         self._requests[rid] = t
         self._chunks.setdefault(endpoint, Counter()).update(t.hashes)
         self._pending[endpoint] = self._pending.get(endpoint, 0) + t.pending
         self._count[endpoint] = self._count.get(endpoint, 0) + 1
+        self._weight[endpoint] = self._weight.get(endpoint, 0.0) + weight
         if t.pending:
             self._unprefilled.setdefault(endpoint, OrderedDict())[rid] = None
         self.mean_uncached += 0.05 * (t.pending - self.mean_uncached)
@@ -240,6 +248,8 @@ class PrefixIndex:
         release(self._chunks[e], t.hashes)
         self._pending[e] -= t.pending
         self._count[e] -= 1
+        # Back to exactly 0 with the last request: no float residue left as phantom load.
+        self._weight[e] = self._weight[e] - t.weight if self._count[e] else 0.0
         if t.pending:
             self._started_now(t)
             self._unprefilled[e].pop(rid, None)
@@ -256,20 +266,30 @@ class PrefixIndex:
                 recent.popitem(last=False)
         return e
 
-    def engine_report(self, endpoint: str, waiting: int, running: int, seq: int) -> None:
+    def engine_report(
+        self, endpoint: str, waiting: int, running: int, seq: int,
+        first_tokens: int | None = None, finished: int | None = None,
+    ) -> None:
         """The engine said it had `waiting` requests not yet started and `running` started
-        ones, when the proxy had sent its requests up to number `seq`.
+        ones, when the proxy had sent its requests up to number `seq`; `first_tokens` and
+        `finished`, when given, are its cumulative counts of requests that produced a first
+        token and of requests that ended (vLLM's `time_to_first_token_seconds_count` and
+        `request_success_total`).
 
         The engine starts requests in arrival order, so of the proxy's requests it had
         received and not finished, at most the `waiting` newest can still be waiting: the
         older ones have started their prefill, which tells the proxy what a non-streamed
-        response cannot. Prefills run one after another in that order (vLLM gives its
-        per-step token budget to the oldest first), so of the started ones only the newest
-        can still be prefilling: it counts for what is left of it at the rate the engine was
-        seen to start uncached tokens while it had a queue (until a rate is known, and once
-        the engine is idle, as over). Waiting or running requests beyond the proxy's own are
-        foreign traffic, counted as load until the next report. Requests sent after `seq`
-        are not in the report and keep their own estimate.
+        response cannot. With the counters, first tokens less finished requests are the
+        requests decoding, so `waiting + running - decoding` is how many prefills are not
+        over: of the proxy's requests at most that many newest are still prefilling or
+        waiting, and the older ones are past their prefill. Without them: prefills run one
+        after another in arrival order (vLLM gives its per-step token budget to the oldest
+        first), so of the started ones only the newest can still be prefilling: it counts
+        for what is left of it at the rate the engine was seen to start uncached tokens
+        while it had a queue (until a rate is known, and once the engine is idle, as over).
+        Waiting or running requests beyond the proxy's own are foreign traffic, counted as
+        load until the next report. Requests sent after `seq` are not in the report and keep
+        their own estimate.
         """
         now = self.clock()
         seen: list[Hashable] = []
@@ -277,9 +297,21 @@ class PrefixIndex:
             if self._requests[rid].seq > seq:
                 break
             seen.append(rid)
-        queued = min(max(waiting, 0), len(seen))
-        started = seen[: len(seen) - queued]
         prev = self._views.get(endpoint)
+        waiting_mine = min(max(waiting, 0), len(seen))
+        started = seen[: len(seen) - waiting_mine]
+        offset = prev.decode_offset if prev is not None else 0
+        # Of the started requests, the oldest `over` are past their prefill.
+        over: int | None = None
+        counted = first_tokens is not None and finished is not None
+        if first_tokens is not None and finished is not None:
+            if running <= 0:
+                # Nothing runs, so nothing decodes: whatever the counters' difference is
+                # now, it is not requests decoding (aborts before a first token, errors).
+                offset = first_tokens - finished
+            decoding = min(max(first_tokens - finished - offset, 0), max(running, 0))
+            unfinished = max(waiting, 0) + max(running, 0) - decoding
+            over = len(seen) - min(unfinished, len(seen))
         newly = [rid for rid in started if not self._requests[rid].started]
         for rid in newly:
             self._started_now(self._requests[rid])
@@ -290,15 +322,20 @@ class PrefixIndex:
             # too this reads low, which only makes the estimate more careful).
             sample = (starts - prev.starts) / (now - prev.at)
             rate = sample if rate <= 0 else rate + 0.3 * (sample - rate)
-        last = started[-1] if started and running > 0 and rate > 0 else None
-        for rid in started:
+        if over is None:
+            # Without the counters, only the newest started request can still prefill.
+            over = len(started) - 1 if started and running > 0 and rate > 0 else len(started)
+        for i, rid in enumerate(started):
             t = self._requests[rid]
             if t.watched:
                 continue  # its first byte will tell
-            if rid != last:
+            if i < over or (rate <= 0 and not counted):
                 self.prefill_done(rid)
                 continue
+            if rate <= 0:
+                continue  # known to prefill still: whole, until a report says it is over
             if not t.prefill_end:  # started since the previous report, or since it was sent
+                # Still prefilling: it counts for what is left of it at the learned rate.
                 begin = max(t.sent, prev.at if prev is not None else t.sent)
                 t.prefill_end = begin + t.pending / rate
                 self._prefilling.setdefault(endpoint, OrderedDict())[rid] = None
@@ -311,11 +348,11 @@ class PrefixIndex:
             if t.seq <= seq:
                 break
             newer += t.endpoint == endpoint
-        mine_running = self._count.get(endpoint, 0) - newer - queued
+        mine_running = self._count.get(endpoint, 0) - newer - waiting_mine
         self._views[endpoint] = _EngineView(
             at=now, waiting=max(waiting - len(seen), 0),
             running=max(running - mine_running, 0), queue=waiting > 0, rate=rate,
-            starts=starts)
+            starts=starts, decode_offset=offset)
 
     def _expire(self, endpoint: str, now: float) -> None:
         """End the estimated prefills that are over by now."""
@@ -338,11 +375,11 @@ class PrefixIndex:
 
     # -- views ---------------------------------------------------------------------------
 
-    def entries(self) -> Iterator[tuple[Hashable, str, tuple[int, ...], int, bool]]:
-        """(rid, endpoint, chunk hashes, uncached tokens still counted, watched) of every
-        tracked request, oldest first (what another proxy replica needs to mirror it)."""
+    def entries(self) -> Iterator[tuple[Hashable, str, tuple[int, ...], int, bool, float]]:
+        """(rid, endpoint, chunk hashes, uncached tokens still counted, watched, weight) of
+        every tracked request, oldest first (what another proxy replica needs to mirror it)."""
         for rid, t in self._requests.items():
-            yield rid, t.endpoint, t.hashes, t.pending, t.watched
+            yield rid, t.endpoint, t.hashes, t.pending, t.watched, t.weight
 
     def local_matches(
         self, hashes: Sequence[int], inflight: bool = True, recent: bool = False
@@ -370,15 +407,15 @@ class PrefixIndex:
         if not self._views:
             return {
                 e: int(self.prefill_share * self._pending.get(e, 0))
-                + self.request_tokens * self._count.get(e, 0)
+                + int(self.request_tokens * self._weight.get(e, 0.0))
                 for e in self._ids
             }
         prefill = self.prefill_load()
         out: dict[str, int] = {}
         for e in self._ids:
             v = self._views.get(e)
-            n = self._count.get(e, 0) + (v.waiting + v.running if v else 0)
-            out[e] = prefill[e] + self.request_tokens * n
+            n = self._weight.get(e, 0.0) + (v.waiting + v.running if v else 0)
+            out[e] = prefill[e] + int(self.request_tokens * n)
         return out
 
     def prefill_load(self) -> dict[str, int]:

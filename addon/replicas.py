@@ -16,7 +16,9 @@ token cache, breakers and health (each replica measures those itself).
 
 Events (plain tuples, so any codec carries them):
 
-- ``("a", rid, endpoint, hashes, uncached, watched, key, prompt_tokens)``: routed;
+- ``("a", rid, endpoint, hashes, uncached, watched, key, prompt_tokens, weight)``: routed
+  (``weight``, its per-request load in requests, may be missing: a replica of an older
+  version; it then counts once);
 - ``("p", rid)``: its prefill is over (a streamed answer's first byte);
 - ``("r", rid)``: it ended;
 - ``("s",)``: the sender (re)joined: every receiver drops what it had of the sender and
@@ -24,7 +26,7 @@ Events (plain tuples, so any codec carries them):
 - ``("?", replica)``: `replica` is asked for a snapshot (a receiver missed some of its
   batches);
 - ``("S", entries)``: the sender's in-flight requests, replacing what the receiver had of
-  it (entries are ``(rid, endpoint, hashes, pending, watched)``).
+  it (entries are ``(rid, endpoint, hashes, pending, watched[, weight])``).
 
 Batches carry a per-sender sequence number: a gap (a batch lost, or the sender dropped
 events while its link was down) makes the receiver drop that sender's entries and ask it for
@@ -144,9 +146,10 @@ class ReplicaSync:
         kind = ev[0]
         index = self.router.index
         if kind == "a":
-            _, rid, endpoint, hashes, uncached, watched, key, prompt_tokens = ev
+            _, rid, endpoint, hashes, uncached, watched, key, prompt_tokens = ev[:8]
+            weight = float(ev[8]) if len(ev) > 8 else 1.0
             r = ("@", sender, rid)
-            index.add(r, endpoint, tuple(hashes), uncached, watched=watched)
+            index.add(r, endpoint, tuple(hashes), uncached, watched=watched, weight=weight)
             peer.rids.add(r)
             if len(peer.rids) > index.max_tracked:
                 # The index dropped some at its bound: forget those here too.
@@ -169,9 +172,10 @@ class ReplicaSync:
         elif kind == "S":
             self._drop(sender, forget=False)
             self.stats.snapshots_applied += 1
-            for rid, endpoint, hashes, pending, watched in ev[1]:
+            for rid, endpoint, hashes, pending, watched, *rest in ev[1]:
                 r = ("@", sender, rid)
-                index.add(r, endpoint, tuple(hashes), pending, watched=watched)
+                index.add(r, endpoint, tuple(hashes), pending, watched=watched,
+                          weight=float(rest[0]) if rest else 1.0)
                 peer.rids.add(r)
 
     def expire(self) -> list[str]:

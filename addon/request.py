@@ -27,6 +27,9 @@ class LLMRequest:
     token_ids: tuple[int, ...] | None = None  # the client sent token ids
     tokenize_body: dict[str, Any] = field(default_factory=dict)  # vLLM /tokenize request
     stream: bool = False  # the client asked for a streamed (SSE) answer
+    # The most tokens the answer may have (max_tokens, or max_completion_tokens in the
+    # chat form); None when the client did not say.
+    max_tokens: int | None = None
 
 
 # A lone surrogate ("\\ud800" in JSON, or raw ED A0 80, which json.loads lets through) is
@@ -115,6 +118,9 @@ def parse_llm_request(
     messages = data.get("messages")
     prompt = data.get("prompt")
     stream = data.get("stream") is True
+    limit = data.get("max_completion_tokens", data.get("max_tokens"))
+    max_tokens = (limit if isinstance(limit, int) and not isinstance(limit, bool)
+                  and limit >= 0 else None)
     if isinstance(messages, list) and messages:
         texts: list[str] = []
         for m in messages:
@@ -131,19 +137,21 @@ def parse_llm_request(
         tok.setdefault("add_generation_prompt", True)
         return LLMRequest(
             path=route_path, model=model, prompt=joined, key=prompt_key(model, joined),
-            stream=stream, form="chat", prefix_keys=_prefix_keys(model, texts), tokenize_body=tok,
+            stream=stream, max_tokens=max_tokens, form="chat",
+            prefix_keys=_prefix_keys(model, texts), tokenize_body=tok,
         )
 
     if isinstance(prompt, str) and prompt:
         return LLMRequest(
             path=route_path, model=model, prompt=prompt, key=prompt_key(model, prompt),
-            stream=stream, form="completion", tokenize_body={"model": model, "prompt": prompt},
+            stream=stream, max_tokens=max_tokens, form="completion",
+            tokenize_body={"model": model, "prompt": prompt},
         )
     if _is_token_ids(prompt):
         text = " ".join(map(str, prompt))
         return LLMRequest(
             path=route_path, model=model, prompt=text, key=prompt_key(model, text),
-            stream=stream, form="completion", token_ids=tuple(prompt),
+            stream=stream, max_tokens=max_tokens, form="completion", token_ids=tuple(prompt),
         )
     if isinstance(prompt, list) and prompt:
         # A batch: route on its first prompt (one upstream serves the whole request).
@@ -151,13 +159,13 @@ def parse_llm_request(
             joined = "\n".join(prompt)
             return LLMRequest(
                 path=route_path, model=model, prompt=joined, key=prompt_key(model, joined),
-                stream=stream, form="completion",
+                stream=stream, max_tokens=max_tokens, form="completion",
                 tokenize_body={"model": model, "prompt": prompt[0]},
             )
         if all(_is_token_ids(p) for p in prompt):
             text = " ".join(map(str, prompt[0]))
             return LLMRequest(
                 path=route_path, model=model, prompt=text, key=prompt_key(model, text),
-                stream=stream, form="completion", token_ids=tuple(prompt[0]),
+                stream=stream, max_tokens=max_tokens, form="completion", token_ids=tuple(prompt[0]),
             )
     return None

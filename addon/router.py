@@ -18,7 +18,14 @@ from cachetools import LRUCache, TTLCache
 
 from addon.lmcache import LookupResult
 from addon.looplag import deadline as Deadline
-from addon.policy import Choice, EndpointState, LoadBalancer, PolicyParams, choose
+from addon.policy import (
+    Choice,
+    EndpointState,
+    LoadBalancer,
+    PolicyParams,
+    choose,
+    request_weight,
+)
 from addon.prefix_index import (
     CHUNK_TOKENS,
     PrefixHeat,
@@ -230,18 +237,21 @@ class Router:
 
     # -- what the proxy sees of a request after routing (kvcache.py's hooks call these) --
 
-    def started(self, rid: Hashable, d: Decision, streamed: bool = False, key: str = "") -> None:
+    def started(self, rid: Hashable, d: Decision, streamed: bool = False, key: str = "",
+                max_tokens: int | None = None) -> None:
         """The request was sent to `d.endpoint_id`; `streamed`: the client asked for a
         streamed answer (its first body byte will say when the prefill is over); `key`: the
-        request's cache key (`LLMRequest.key`)."""
+        request's cache key (`LLMRequest.key`); `max_tokens`: the longest answer it asked
+        for (its per-request load scales with it, `policy.request_weight`)."""
         self.state.start(d.endpoint_id)
         if key and d.prompt_tokens:
             self.remember_served(key, d.endpoint_id, d.prompt_tokens)
         uncached = d.prompt_tokens - d.matched_tokens
-        self.index.add(rid, d.endpoint_id, d.chunks, uncached, watched=streamed)
+        weight = request_weight(max_tokens, self.policy)
+        self.index.add(rid, d.endpoint_id, d.chunks, uncached, watched=streamed, weight=weight)
         if self.share is not None:
             self.share(("a", rid, d.endpoint_id, d.chunks, max(uncached, 0), streamed, key,
-                        d.prompt_tokens))
+                        d.prompt_tokens, weight))
 
     def remember_served(self, key: str, endpoint_id: str, prompt_tokens: int) -> None:
         """The prompt with cache key `key` was sent to `endpoint_id` (by this replica or
@@ -255,10 +265,14 @@ class Router:
         if self.share is not None:
             self.share(("p", rid))
 
-    def engine_report(self, endpoint_id: str, waiting: int, running: int, seq: int) -> None:
-        """An engine's own queue, scraped from its metrics when the proxy had sent its
+    def engine_report(
+        self, endpoint_id: str, waiting: int, running: int, seq: int,
+        first_tokens: int | None = None, finished: int | None = None,
+    ) -> None:
+        """An engine's own queue and, when it reports them, its cumulative counts of first
+        tokens and finished requests, scraped from its metrics when the proxy had sent its
         requests up to number `seq` (`PrefixIndex.engine_report`)."""
-        self.index.engine_report(endpoint_id, waiting, running, seq)
+        self.index.engine_report(endpoint_id, waiting, running, seq, first_tokens, finished)
 
     def engine_lost(self, endpoint_id: str) -> None:
         """The engine's metrics could not be read: the proxy's own view alone counts."""

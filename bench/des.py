@@ -185,6 +185,8 @@ class SimEngine:
         # KV of requests holding a slot and past prefill start: what vLLM reports as KV
         # cache usage (cached-but-free blocks count as free there).
         self.running_kv_tokens = 0
+        self.first_tokens = 0  # cumulative, as vLLM's counters
+        self.finished = 0
         # Block hashes of prompts routed here whose prefill has not started: they will be in
         # the cache before a request routed now starts, which only the oracle uses.
         self.pending_blocks: Counter[int] | None = Counter() if track_pending else None
@@ -224,6 +226,10 @@ class EngineReading:
     waiting: int
     running: int
     kv_usage: float
+    # vLLM's cumulative counters: requests that produced a first token (the count of
+    # time_to_first_token_seconds) and requests that ended (request_success_total).
+    first_tokens: int = 0
+    finished: int = 0
 
 
 class Simulation:
@@ -279,7 +285,8 @@ class Simulation:
         live values when scraping is off."""
         if self.cfg.scrape_interval_s <= 0 or eid not in self.readings:
             e = self.engines[eid]
-            return EngineReading(e.num_waiting, e.num_running, e.kv_usage())
+            return EngineReading(e.num_waiting, e.num_running, e.kv_usage(), e.first_tokens,
+                                 e.finished)
         return self.readings[eid]
 
     def _push(self, t: float, kind: int, idx: int) -> None:
@@ -311,7 +318,8 @@ class Simulation:
 
     def _scrape(self) -> None:
         for eid, e in self.engines.items():
-            self.readings[eid] = EngineReading(e.num_waiting, e.num_running, e.kv_usage())
+            self.readings[eid] = EngineReading(e.num_waiting, e.num_running, e.kv_usage(),
+                                               e.first_tokens, e.finished)
         on_scrape = getattr(self.policy, "on_scrape", None)
         if on_scrape is not None:
             on_scrape(self)
@@ -381,6 +389,7 @@ class Simulation:
         eng = self.engines[rec.engine]
         plan = self._plans[idx]
         rec.first_token = self.now
+        eng.first_tokens += 1
         self.controller.report(self.now, eng.eid, plan.admitted_chunks, plan.evicted_chunks)
         if not self.bypass[idx]:
             self.policy.on_first_token(self.requests[idx], eng.eid, self)
@@ -397,6 +406,7 @@ class Simulation:
         rec.end = self.now
         self._done[idx] = True
         eng.slots_used -= 1
+        eng.finished += 1
         eng.running_kv_tokens -= plan.prompt_tokens + plan.output_tokens
         del eng.release_at[idx]
         if not self.bypass[idx]:

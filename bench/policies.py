@@ -572,7 +572,8 @@ class Ours(BasePolicy):
       SSE response (vLLM writes it after the prefill); ``stream_share`` is the share of
       clients that stream (0: none; the addon sees nothing of the others until the end);
     - engine metrics: ``Router.engine_report`` with each scrape (``engine_metrics=True``, as
-      the addon's scraper does every ``engine_metrics_interval``);
+      the addon's scraper does every ``engine_metrics_interval``): the queue gauges and,
+      unless ``engine_counters=False``, the first-token and finished-request counters;
     - finish: ``Router.finished``, as the response/error hooks do.
 
     The lookup is the simulated controller, down or stale per the run's config; the
@@ -587,6 +588,7 @@ class Ours(BasePolicy):
         stream_share: float = 1.0,
         engine_metrics: bool = True,
         view: str = "controller",
+        engine_counters: bool = True,
     ) -> None:
         if view not in ("controller", "kv_events"):
             raise ValueError(f"unknown cache view {view!r}")
@@ -595,6 +597,7 @@ class Ours(BasePolicy):
         self.params = params if params is not None else addon_policy.PolicyParams()
         self.stream_share = stream_share
         self.engine_metrics = engine_metrics
+        self.engine_counters = engine_counters
         self.router: Router | None = None
         self._controller: _SimController | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -627,10 +630,11 @@ class Ours(BasePolicy):
         self._controller.prompt_chunks = req.prompt.chunks
         if self._kv is not None:
             self._kv.prompt_blocks = req.prompt.blocks
+        # Clients ask for the answer's length (max_tokens): the simulated one is exactly it.
         llm = LLMRequest("/v1/completions", "m", "", f"r{req.idx}", "completion",
-                         token_ids=req.prompt.tokens)
+                         token_ids=req.prompt.tokens, max_tokens=req.output_tokens)
         d = self._loop.run_until_complete(self.router.route(llm))
-        self.router.started(req.idx, d, streamed=self.streams(req))
+        self.router.started(req.idx, d, streamed=self.streams(req), max_tokens=llm.max_tokens)
         sim.reason = d.reason
         return d.endpoint_id
 
@@ -649,7 +653,11 @@ class Ours(BasePolicy):
         seq = self.router.index.seq  # every request routed so far has reached its engine
         for eid in sim.engine_ids:
             r = sim.readings[eid]
-            self.router.engine_report(eid, r.waiting, r.running, seq)
+            if self.engine_counters:
+                self.router.engine_report(eid, r.waiting, r.running, seq, r.first_tokens,
+                                          r.finished)
+            else:
+                self.router.engine_report(eid, r.waiting, r.running, seq)
 
     def on_finish(self, req: SimRequest, eid: str, sim: Simulation) -> None:
         if self.router is not None:
@@ -685,6 +693,10 @@ def policy_factories() -> dict[str, PolicyFactory]:
     out["ours[kv-events]"] = lambda: Ours("ours[kv-events]", view="kv_events")
     out["ours[no-stream,no-metrics]"] = lambda: Ours(
         "ours[no-stream,no-metrics]", stream_share=0.0, engine_metrics=False)
+    # Engine metrics without vLLM's first-token and finished counters (the queue gauges
+    # only): what the prefill estimate of non-streamed requests owes to the counters.
+    out["ours[no-stream,gauges-only]"] = lambda: Ours(
+        "ours[no-stream,gauges-only]", stream_share=0.0, engine_counters=False)
     # The addon before the prefix index: load in requests, controller matches only.
     old = params_with(load_unit="requests", track_inflight=False, recent_tokens=0)
     if old is not None:

@@ -342,6 +342,12 @@ class EngineMetrics:
             .set_function(lambda: rt.waiting)  # fmt: skip
         gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.") \
             .set_function(rt.model.usage)  # fmt: skip
+        # As vLLM: every ended request, by why it ended (the stand-in always generates
+        # max_tokens, so "length"; "abort" when the client left first).
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          [*names, "finished_reason"], registry=reg)
+        self.finished_length = success.labels(*lv, "length")
+        self.finished_abort = success.labels(*lv, "abort")
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
@@ -425,6 +431,7 @@ class EngineRuntime:
         # when its first prefill chunk runs), running from then on.
         self.waiting += 1
         started = False
+        completed = False
         try:
             await slots.acquire()
         except BaseException:
@@ -466,7 +473,9 @@ class EngineRuntime:
                         await asyncio.sleep(delay)
                 self.metrics.generation_tokens.inc()
                 yield plan, i
+            completed = True
         finally:
+            (self.metrics.finished_length if completed else self.metrics.finished_abort).inc()
             if started:
                 self.running -= 1
             else:

@@ -24,7 +24,8 @@ REAL_PAGE = Path(__file__).resolve().parents[1] / "data" / "vllm-0.32-metrics.tx
 
 def test_parse_reads_the_real_vllm_page() -> None:
     page = REAL_PAGE.read_bytes()
-    assert parse(page) == EngineReading(waiting=0, running=0, kv_usage=0.0)
+    assert parse(page) == EngineReading(waiting=0, running=0, kv_usage=0.0, first_tokens=0,
+                                        finished=0)
     # The same page with a queue: only the exact gauges count, not
     # vllm:num_requests_waiting_by_reason, which starts with the same name.
     busy = page.replace(
@@ -38,8 +39,22 @@ def test_parse_reads_the_real_vllm_page() -> None:
     ).replace(
         b'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 0.0',
         b'vllm:num_requests_running{engine="0",model_name="tiny-llama"} 3.0',
+    ).replace(  # the counters: first tokens, and ended requests summed over their reasons
+        b'vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-llama"} 0.0',
+        b'vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-llama"} 12.0',
+    ).replace(
+        b'vllm:request_success_total{engine="0",finished_reason="stop",model_name="tiny-llama"}'
+        b' 0.0',
+        b'vllm:request_success_total{engine="0",finished_reason="stop",model_name="tiny-llama"}'
+        b' 5.0',
+    ).replace(
+        b'vllm:request_success_total{engine="0",finished_reason="abort",model_name="tiny-llama"'
+        b'} 0.0',
+        b'vllm:request_success_total{engine="0",finished_reason="abort",model_name="tiny-llama"'
+        b'} 2.0',
     )
-    assert parse(busy) == EngineReading(waiting=7, running=3, kv_usage=0.0)
+    assert parse(busy) == EngineReading(waiting=7, running=3, kv_usage=0.0, first_tokens=12,
+                                        finished=7)
 
 
 def test_parse_sums_data_parallel_engines_and_rejects_other_pages() -> None:
@@ -47,7 +62,7 @@ def test_parse_sums_data_parallel_engines_and_rejects_other_pages() -> None:
             b'vllm:num_requests_waiting{engine="1",model_name="m"} 3.0\n'
             b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
             b'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n')
-    assert parse(page) == EngineReading(5, 5, -1.0)
+    assert parse(page) == EngineReading(5, 5, -1.0)  # no counters: None, None
     assert parse(b"# HELP other\nother_metric 1.0\n") is None
     assert parse(b"") is None
     assert parse(b"vllm:num_requests_waiting 1.0\n") is None  # no running gauge

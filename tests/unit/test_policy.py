@@ -219,3 +219,23 @@ def test_a_lower_tier_hit_costs_a_load_but_beats_a_recompute() -> None:
                load_tokens={"e1": 0, "e2": 300, "e3": 0},
                prefill_tokens={"e1": 0, "e2": 300, "e3": 0}, lower_tier={"e2"})
     assert c.endpoint_id != "e2"
+
+
+def test_a_requests_load_scales_with_the_answer_it_asked_for() -> None:
+    from addon.policy import MAX_OUTPUT_WEIGHT, PolicyParams, request_weight
+    from addon.prefix_index import PrefixIndex
+
+    p = PolicyParams(request_output_tokens=128)
+    assert request_weight(None, p) == 1.0  # did not say: counts once
+    assert request_weight(16, p) == 16 / 128
+    assert request_weight(128, p) == 1.0
+    assert request_weight(100_000, p) == MAX_OUTPUT_WEIGHT
+    assert request_weight(16, PolicyParams(request_output_tokens=0)) == 1.0  # turned off
+    idx = PrefixIndex(["e1", "e2"], prefill_share=1.0, request_tokens=160)
+    for i in range(4):  # four short answers on e1, one long one on e2
+        idx.add(f"s{i}", "e1", (), 0, weight=request_weight(16, p))
+    idx.add("long", "e2", (), 0, weight=request_weight(512, p))
+    assert idx.load() == {"e1": 80, "e2": 640}
+    for i in range(4):
+        idx.remove(f"s{i}")
+    assert idx.load()["e1"] == 0

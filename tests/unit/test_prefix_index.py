@@ -233,3 +233,44 @@ def test_a_started_prefill_runs_for_its_tokens_at_the_learned_rate() -> None:
     idx.add("d", "e1", (), 500)
     idx.engine_report("e1", waiting=0, running=0, seq=idx.seq)
     assert idx.pending_tokens("e1") == 0
+
+
+def test_first_token_and_finished_counters_say_which_prefills_are_over() -> None:
+    # vLLM prefills several requests at once (chunked prefill shares a step's token
+    # budget), so "only the newest started can still prefill" does not hold there; its
+    # counters say how many requests decode (first tokens - ended), hence how many of the
+    # started ones are still prefilling. Non-streamed requests, no rate learned yet.
+    idx = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    for i in range(4):
+        idx.add(f"r{i}", "e1", (), 100 * (i + 1))  # 100, 200, 300, 400 uncached
+    # r0-r2 started (1 waiting), one of them decodes: r1 and r2 still prefill.
+    idx.engine_report("e1", waiting=1, running=3, seq=idx.seq, first_tokens=1, finished=0)
+    assert idx.pending_tokens("e1") == 200 + 300 + 400
+    # Without the counters the same report ends every started prefill (no rate known).
+    gauges = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    for i in range(4):
+        gauges.add(f"r{i}", "e1", (), 100 * (i + 1))
+    gauges.engine_report("e1", waiting=1, running=3, seq=gauges.seq)
+    assert gauges.pending_tokens("e1") == 400
+    # Later: r0 ended, r1 and r2 decode, r3 prefills.
+    idx.remove("r0")
+    idx.engine_report("e1", waiting=0, running=3, seq=idx.seq, first_tokens=3, finished=1)
+    assert idx.pending_tokens("e1") == 400
+
+
+def test_requests_ended_without_a_first_token_do_not_skew_the_counters() -> None:
+    # Aborted requests count as ended but never had a first token: the counters' difference
+    # then reads low. An idle report (nothing running) resets what it is measured against.
+    idx = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    idx.engine_report("e1", waiting=0, running=0, seq=idx.seq, first_tokens=10, finished=13)
+    idx.add("a", "e1", (), 100)
+    idx.add("b", "e1", (), 200)
+    # a decodes (one more first token than at the idle report), b prefills.
+    idx.engine_report("e1", waiting=0, running=2, seq=idx.seq, first_tokens=11, finished=13)
+    assert idx.pending_tokens("e1") == 200
+    # Against the raw difference (-2) nothing would decode and a would still count.
+    raw = PrefixIndex(["e1"], prefill_share=1.0, request_tokens=0)
+    raw.add("a", "e1", (), 100)
+    raw.add("b", "e1", (), 200)
+    raw.engine_report("e1", waiting=0, running=2, seq=raw.seq, first_tokens=11, finished=13)
+    assert raw.pending_tokens("e1") == 300

@@ -134,6 +134,18 @@ async def test_three_replicas_sum_their_load() -> None:
         assert sum(r.index.inflight(e) for e in ("e1", "e2")) == 3
 
 
+async def test_a_requests_weight_is_mirrored_and_an_older_replicas_counts_once() -> None:
+    m = Mesh(2)
+    a, b = m.routers
+    d = await a.route(ids_req(DOC, "k"))
+    a.started("short", d, max_tokens=16)  # an 8th of routing_request_output_tokens (128)
+    m.flush()
+    assert b.index.load() == a.index.load()
+    # An "a" event without the weight (a replica of the previous version): counts once.
+    m.syncs[1].receive("old", 0, [("a", "x", "e2", [], 0, False, "", 0)])
+    assert b.index.load()["e2"] - a.index.load()["e2"] == b.policy.request_tokens
+
+
 async def test_no_prompt_text_is_shared() -> None:
     m = Mesh(2)
     a = m.routers[0]
@@ -142,6 +154,6 @@ async def test_no_prompt_text_is_shared() -> None:
     payload = m.queue[0]
     # Chunk hashes, the request's cache key and counts: never the tokens themselves.
     _, _, events = msgpack.unpackb(payload)
-    (kind, rid, endpoint, hashes, uncached, watched, key, prompt_tokens), = events
-    assert (kind, rid, key, prompt_tokens) == ("a", "f1", "key-hash", 2600)
+    (kind, rid, endpoint, hashes, uncached, watched, key, prompt_tokens, weight), = events
+    assert (kind, rid, key, prompt_tokens, weight) == ("a", "f1", "key-hash", 2600, 1.0)
     assert len(hashes) == 10 and uncached == 2600 and not watched

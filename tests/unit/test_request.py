@@ -89,3 +89,14 @@ def test_stream_flag_is_read_only_when_true() -> None:
     assert parse({**chat, "stream": "yes"}, "/v1/chat/completions").stream is False
     assert parse(chat, "/v1/chat/completions").stream is False
     assert parse({"model": "m", "prompt": [1, 2], "stream": True}).stream is True
+
+
+def test_max_tokens_is_read_from_either_form() -> None:
+    assert parse({"model": "m", "prompt": "x", "max_tokens": 16}).max_tokens == 16
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse({**chat, "max_completion_tokens": 40, "max_tokens": 9}).max_tokens == 40
+    assert parse({**chat, "max_tokens": 9}).max_tokens == 9
+    # Absent, or not a count: unknown.
+    for bad in ({}, {"max_tokens": None}, {"max_tokens": "16"}, {"max_tokens": True},
+                {"max_tokens": -1}, {"max_tokens": 1.5}):
+        assert parse({**chat, **bad}).max_tokens is None

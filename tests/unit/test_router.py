@@ -198,7 +198,9 @@ async def test_token_load_steers_away_from_a_queued_holder() -> None:
 
 
 async def test_decoding_requests_are_not_congestion() -> None:
-    r = make(FakeLookup(LookupResult({"e1": 2048})))
+    # The numbers below are for these knobs, whatever the defaults.
+    r = make(FakeLookup(LookupResult({"e1": 2048})),
+             policy=PolicyParams(request_tokens=160, congestion_tokens=3000))
     # e1 (the holder) has a 4000-token prefill queued: 0.7 x 4000 + 160 = 2960 load.
     r.started("q", Decision("e1", "round_robin", prompt_tokens=4000))
     # e2 has five requests past their first byte, decoding: 5 x 160 = 800 load, no prefill.
