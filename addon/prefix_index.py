@@ -225,12 +225,20 @@ class PrefixIndex:
         """The endpoint has prefilled it: the first byte of a streamed answer arrived, or an
         engine report (with the estimated prefill time) says so."""
         t = self._requests.get(rid)
-        if t is None or not t.pending:
+        if t is None:
+            return
+        self._unprefilled.get(t.endpoint, {}).pop(rid, None)
+        self._end_estimate(rid, t)
+
+    def _end_estimate(self, rid: Hashable, t: _Tracked) -> None:
+        """Its prefill no longer counts as load. An estimated end (`_expire`) stops here:
+        the request stays among the unprefilled ones that engine reports walk, so that if
+        the engine's counters show it still prefilling it is not taken for foreign traffic."""
+        if not t.pending:
             return
         self._started_now(t)
         self._pending[t.endpoint] -= t.pending
         t.pending = 0
-        self._unprefilled[t.endpoint].pop(rid, None)
         if t.prefill_end:
             self._prefilling[t.endpoint].pop(rid, None)
 
@@ -250,9 +258,9 @@ class PrefixIndex:
         self._count[e] -= 1
         # Back to exactly 0 with the last request: no float residue left as phantom load.
         self._weight[e] = self._weight[e] - t.weight if self._count[e] else 0.0
+        self._unprefilled.get(e, {}).pop(rid, None)
         if t.pending:
             self._started_now(t)
-            self._unprefilled[e].pop(rid, None)
             if t.prefill_end:
                 self._prefilling[e].pop(rid, None)
         if remember and self.recent_chunks and t.hashes:
@@ -298,11 +306,15 @@ class PrefixIndex:
                 break
             seen.append(rid)
         prev = self._views.get(endpoint)
-        waiting_mine = min(max(waiting, 0), len(seen))
+        # Those whose estimated prefill end has passed have started: only the others can
+        # be among the waiting (the newest).
+        live = sum(1 for rid in seen if self._requests[rid].pending)
+        waiting_mine = min(max(waiting, 0), live)
         started = seen[: len(seen) - waiting_mine]
         offset = prev.decode_offset if prev is not None else 0
         # Of the started requests, the oldest `over` are past their prefill.
         over: int | None = None
+        foreign_queue = max(waiting - live, 0)
         counted = first_tokens is not None and finished is not None
         if first_tokens is not None and finished is not None:
             if running <= 0:
@@ -312,6 +324,9 @@ class PrefixIndex:
             decoding = min(max(first_tokens - finished - offset, 0), max(running, 0))
             unfinished = max(waiting, 0) + max(running, 0) - decoding
             over = len(seen) - min(unfinished, len(seen))
+            # Prefills the engine has beyond the proxy's own: foreign ones prefilling delay
+            # the next request as much as foreign ones waiting.
+            foreign_queue = max(unfinished - len(seen), 0)
         newly = [rid for rid in started if not self._requests[rid].started]
         for rid in newly:
             self._started_now(self._requests[rid])
@@ -350,7 +365,7 @@ class PrefixIndex:
             newer += t.endpoint == endpoint
         mine_running = self._count.get(endpoint, 0) - newer - waiting_mine
         self._views[endpoint] = _EngineView(
-            at=now, waiting=max(waiting - len(seen), 0),
+            at=now, waiting=foreign_queue,
             running=max(running - mine_running, 0), queue=waiting > 0, rate=rate,
             starts=starts, decode_offset=offset)
 
@@ -359,9 +374,10 @@ class PrefixIndex:
         timed = self._prefilling.get(endpoint)
         while timed:
             rid = next(iter(timed))
-            if self._requests[rid].prefill_end > now:
+            t = self._requests[rid]
+            if t.prefill_end > now:
                 break
-            self.prefill_done(rid)
+            self._end_estimate(rid, t)
 
     def forget_recent(self, endpoint: str) -> None:
         """The endpoint's cache is gone (its server restarted): what finished there no

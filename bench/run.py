@@ -37,6 +37,7 @@ STALENESS_S = 2.0
 SWEEPS: dict[str, tuple[float, ...]] = {
     "prefill_share": (0.5, 0.6, 0.7, 0.8, 1.0),
     "request_tokens": (64, 128, 160, 256),
+    "request_output_tokens": (0, 128, 160, 256),
     "recent_tokens": (0, 50_000, 100_000, 200_000),
     "hot_half_life": (0, 3, 10, 30),
     "hot_headroom": (0, 0.25, 0.5, 0.75),

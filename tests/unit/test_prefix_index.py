@@ -274,3 +274,18 @@ def test_requests_ended_without_a_first_token_do_not_skew_the_counters() -> None
     raw.add("b", "e1", (), 200)
     raw.engine_report("e1", waiting=0, running=2, seq=raw.seq, first_tokens=11, finished=13)
     assert raw.pending_tokens("e1") == 300
+
+
+def test_foreign_requests_still_prefilling_count_as_queued_prefill() -> None:
+    # Traffic that bypassed the proxy: the counters say two more prefills run there than
+    # the proxy sent, and they delay a new request as waiting ones would.
+    idx = PrefixIndex(["e1", "e2"], prefill_share=1.0, request_tokens=0)
+    idx.add("r0", "e1", (), 300)
+    idx.engine_report("e1", waiting=0, running=3, seq=idx.seq, first_tokens=0, finished=0)
+    assert idx.foreign("e1") == (2, 2)
+    assert idx.prefill_load()["e1"] == 300 + int(2 * idx.mean_uncached)
+    # With the gauges alone the two look like requests decoding: no prefill queued.
+    gauges = PrefixIndex(["e1", "e2"], prefill_share=1.0, request_tokens=0)
+    gauges.add("r0", "e1", (), 300)
+    gauges.engine_report("e1", waiting=0, running=3, seq=gauges.seq)
+    assert gauges.prefill_load()["e1"] == 0  # r0 counted as started (no rate known)
