@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-from fastapi import FastAPI
 
 from addon import doctor
 from addon.doctor import DEFAULT_PROMPT
-from sim import tokenizer
 from sim.cluster import serve_app
 from sim.lmcache_worker import WorkerShim
 from tests.real.conftest import RealController, RealCoordinator, unique
+from tests.vllm_stand_in import doctor_vllm_app
 
 pytestmark = pytest.mark.real_lmcache
 MODEL = "sim-model"
@@ -29,25 +28,9 @@ MODEL = "sim-model"
 
 @contextlib.contextmanager
 def fake_vllm(shim: WorkerShim, instance_id: str) -> Iterator[str]:
-    app = FastAPI()
-
-    @app.post("/tokenize")
-    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
-        toks = tokenizer.encode(body["prompt"], True)
-        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
-
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
-
-    @app.post("/v1/completions")
-    def complete(body: dict[str, Any]) -> dict[str, Any]:
-        shim.admit(instance_id, tokenizer.encode(body["prompt"], True))
-        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
-
-    with serve_app(app) as url:
+    with serve_app(doctor_vllm_app(
+            MODEL, lambda toks: shim.admit(instance_id, toks))) as url:
         yield url
-
 
 def _prompt() -> list[str]:
     # Chunk hashes chain from the start: a unique first word keeps earlier tests' cached
@@ -131,25 +114,9 @@ def test_doctor_with_a_stalled_worker_does_not_hang(
 def fake_vllm_mp(feeder: Any, instance_id: str, stores_as: str = MODEL) -> Iterator[str]:
     """A vLLM stand-in whose LMCache MP server reports served prompts to the coordinator
     under ``instance_id`` and the model name ``stores_as``."""
-    app = FastAPI()
-
-    @app.post("/tokenize")
-    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
-        toks = tokenizer.encode(body["prompt"], True)
-        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
-
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
-
-    @app.post("/v1/completions")
-    def complete(body: dict[str, Any]) -> dict[str, Any]:
-        feeder.store(instance_id, tokenizer.encode(body["prompt"], True), stores_as)
-        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
-
-    with serve_app(app) as url:
+    with serve_app(doctor_vllm_app(
+            MODEL, lambda toks: feeder.store(instance_id, toks, stores_as))) as url:
         yield url
-
 
 def test_doctor_on_a_real_coordinator(
     coordinator: RealCoordinator, feeder: Any, tmp_path: Path,

@@ -16,6 +16,7 @@ from addon import doctor
 from sim.cluster import Cluster, serve_app, start_cluster, start_controller, start_engine
 from sim.controller import ControllerConfig
 from sim.engine_server import EngineConfig
+from tests.vllm_stand_in import doctor_vllm_app
 
 MODEL = "sim-model"
 
@@ -323,27 +324,13 @@ class FakeCoordinator:
 
 
 def _fake_vllm(coord: FakeCoordinator, instance_id: str, stores_as: str = MODEL) -> FastAPI:
-    """/tokenize and /v1/models from the sim tokenizer; /v1/completions has the server's MP
-    server report the prompt under ``instance_id`` and model name ``stores_as``."""
-    from sim import tokenizer
+    """/v1/completions has the server's MP server report the prompt under ``instance_id``
+    and model name ``stores_as``."""
 
-    app = FastAPI()
+    def stored(toks: list[int]) -> None:
+        coord.stored[instance_id] = (stores_as, toks)
 
-    @app.post("/tokenize")
-    def tokenize(body: dict[str, Any]) -> dict[str, Any]:
-        toks = tokenizer.encode(body["prompt"], True)
-        return {"count": len(toks), "max_model_len": 32768, "tokens": toks}
-
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
-
-    @app.post("/v1/completions")
-    def complete(body: dict[str, Any]) -> dict[str, Any]:
-        coord.stored[instance_id] = (stores_as, tokenizer.encode(body["prompt"], True))
-        return {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
-
-    return app
+    return doctor_vllm_app(MODEL, stored)
 
 
 def _coord_run(
