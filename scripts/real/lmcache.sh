@@ -35,6 +35,16 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+free_ports() {
+  # N distinct unused ports: all held bound until the last is chosen (separate free_port
+  # calls can get the same port back, and the controller then fails to bind its second
+  # socket: seen once in CI).
+  python3 -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
+}
+
 cmd_install() {
   if [ -x "$PY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$LMCACHE_VERSION" ]; then
     log "reusing $VENV (lmcache $LMCACHE_VERSION)"
@@ -64,10 +74,11 @@ cmd_start() {
     cat "$STATE/controller.env"
     return 0
   fi
-  local port pull reply
-  port="${KVCACHE_REAL_PORT:-$(free_port)}"
-  pull="${KVCACHE_REAL_PULL_PORT:-$(free_port)}"
-  reply="${KVCACHE_REAL_REPLY_PORT:-$(free_port)}"
+  local port pull reply fresh
+  read -r -a fresh <<< "$(free_ports 3)"
+  port="${KVCACHE_REAL_PORT:-${fresh[0]}}"
+  pull="${KVCACHE_REAL_PULL_PORT:-${fresh[1]}}"
+  reply="${KVCACHE_REAL_REPLY_PORT:-${fresh[2]}}"
   # --monitor-ports, not --monitor-port: the latter is ignored since 0.3.13 and the
   # ZMQ sockets would silently land on 8300/8400.
   PYTHONHASHSEED="$HASHSEED" setsid "$VENV/bin/lmcache_controller" \

@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 # The vLLM launcher beside this file holds the real tiers' shared helpers (the cache
 # directory, the setup error, running a setup command); standard library only, like this.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_real import Log, SetupError, home, pip_install_venv  # noqa: E402
+from vllm_real import Log, SetupError, free_port, free_ports, home, pip_install_venv  # noqa: E402
 
 SPECS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
 KINDS = ("sglang", "vllm")
@@ -78,12 +77,6 @@ def install(log: Log = _log) -> None:
     extra = shlex.split(os.environ.get("KVCACHE_PEERS_PIP_ARGS", ""))
     pip_install_venv(venv_dir(), SPECS, extra, "import sglang_router, vllm_router",
                      INSTALL_STAMP, _stamp(), log, after=has_launcher)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def router_command(kind: str, policy: str, workers: Sequence[str], port: int,
@@ -145,8 +138,8 @@ def _ready(url: str, n_workers: int) -> bool:
 
 def launch(kind: str, policy: str, workers: Sequence[str], log_path: Path) -> Router:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = router_command(kind, policy, workers, port, free_port())
+    port, metrics_port = free_ports(2)
+    cmd = router_command(kind, policy, workers, port, metrics_port)
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)
