@@ -359,6 +359,21 @@ class Doctor:
                 return served, target, res
             time.sleep(0.1)
 
+    def _say_found(self, res: LookupResult, target: str | None, what: str,
+                   holder: Callable[[str, int], str]) -> bool:
+        """When the probe lookup found the prompt (on `target`, if one is awaited): one OK
+        line naming every holder (a WARN if the best one is no configured endpoint)."""
+        if not res.matches or (target and target not in res.matches):
+            return False
+        best = max(res.matches, key=lambda i: res.matches[i])
+        routable = best in self.t.endpoints
+        self.add("lookup", "ok" if routable else "warn",
+                 f"{what} matches "
+                 + ", ".join(holder(i, n) for i, n in sorted(res.matches.items()))
+                 + ("" if routable else f"; {best} is no configured endpoint"),
+                 matches=res.matches)
+        return True
+
     def check_lookup(self, tokens: list[int], known: set[str] | None) -> None:
         if len(tokens) < CHUNK:
             return
@@ -366,14 +381,8 @@ class Doctor:
         if found is None:
             return
         served, target, res = found
-        if res.matches and (not target or target in res.matches):
-            best = max(res.matches, key=lambda i: res.matches[i])
-            routable = best in self.t.endpoints
-            self.add("lookup", "ok" if routable else "warn",
-                     f"A lookup of the {len(tokens)}-token prompt matches "
-                     + ", ".join(f"{i}: {n} tokens" for i, n in sorted(res.matches.items()))
-                     + ("" if routable else f"; {best} is no configured endpoint"),
-                     matches=res.matches)
+        if self._say_found(res, target, f"A lookup of the {len(tokens)}-token prompt",
+                           lambda i, n: f"{i}: {n} tokens"):
             self._layout_note(tokens)
             return
         if served:
@@ -581,15 +590,9 @@ class CoordinatorDoctor(Doctor):
         if found is None:
             return None
         served, target, res = found
-        if res.matches and (not target or target in res.matches):
-            best = max(res.matches, key=lambda i: res.matches[i])
-            routable = best in self.t.endpoints
-            self.add("lookup", "ok" if routable else "warn",
-                     f"A lookup of the {len(tokens)}-token prompt (model {self.kv_model!r}) "
-                     "matches " + ", ".join(f"{i}: {n} tokens ({res.locations.get(i, '?')})"
-                                            for i, n in sorted(res.matches.items()))
-                     + ("" if routable else f"; {best} is no configured endpoint"),
-                     matches=res.matches)
+        if self._say_found(res, target, f"A lookup of the {len(tokens)}-token prompt (model "
+                           f"{self.kv_model!r})",
+                           lambda i, n: f"{i}: {n} tokens ({res.locations.get(i, '?')})"):
             return True
         if served:
             self.add("lookup", "fail", f"The probe prompt ({len(tokens)} tokens) was served "

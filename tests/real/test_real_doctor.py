@@ -118,6 +118,7 @@ def fake_vllm_mp(feeder: Any, instance_id: str, stores_as: str = MODEL) -> Itera
             MODEL, lambda toks: feeder.store(instance_id, toks, stores_as))) as url:
         yield url
 
+
 def test_doctor_on_a_real_coordinator(
     coordinator: RealCoordinator, feeder: Any, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

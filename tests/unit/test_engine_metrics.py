@@ -101,6 +101,10 @@ def test_scraper_reads_a_vllm_stand_in_and_reports_a_dead_one() -> None:
         scraper.stop(wait=True)
         for t in threads:
             t.join()
+        # All three answered: each produced a first token and ended, as vLLM counts them.
+        done = parse(httpx.get(f"{url}/metrics").content)
+    assert done is not None and (done.first_tokens, done.finished) == (3, 3), done
+    assert (done.waiting, done.running) == (0, 0)
     live = [r for e, r, _ in got if e == "live"]
     assert any(r is not None and (r.waiting, r.running) == (2, 1) for r in live), live
     assert all(seq == 41 for _, _, seq in got)
