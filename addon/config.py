@@ -247,6 +247,7 @@ class KVCacheConfig(_Section):
     routing_hot_copy_credit: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     routing_congestion_tokens: Count = 3000
     routing_spill_margin: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    routing_spill_floor_tokens: Count = 768
     routing_lower_tier_cost: Ratio = 0.08
     # Beyond the seed: what a mitmproxy user needs to see and tune.
     llm_paths: list[str] = ["/v1/chat/completions", "/v1/completions"]

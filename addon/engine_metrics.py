@@ -89,6 +89,9 @@ def parse(text: bytes) -> EngineReading | None:
 class ScrapeStats:
     scrapes: int = 0
     failures: int = 0
+    # Readings with the queue gauges but not the first-token and finished counters: the
+    # end of a non-streamed prefill is then estimated from the gauges alone.
+    gauges_only: int = 0
     cpu_seconds: float = 0.0  # this thread's CPU time spent scraping (fetch + parse)
 
 
@@ -162,6 +165,7 @@ class EngineScraper:
         self.stats = ScrapeStats()
         self.last: dict[str, EngineReading | None] = {}
         self._fetchers = {eid: _Fetcher(url, timeout) for eid, url in self.urls.items()}
+        self._gauges_only: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -204,8 +208,25 @@ class EngineScraper:
                     more = f" ({n} more since the last report)" if n else ""
                     logger.warning(f"[kvcache] reading {self.urls[eid]} failed ({why}); "
                                    f"routing on the proxy's own view of {eid}'s load{more}")
+            elif (reading.first_tokens is None) != (eid in self._gauges_only):
+                self._counters_changed(eid, reading.first_tokens is None)
+            if reading is not None and reading.first_tokens is None:
+                self.stats.gauges_only += 1
             self.last[eid] = reading
             self.deliver(eid, reading, seq)
+
+    def _counters_changed(self, eid: str, missing: bool) -> None:
+        # Logged when it changes, not per reading: an older vLLM lacks them for good.
+        if missing:
+            self._gauges_only.add(eid)
+            logger.warning(f"[kvcache] {self.urls[eid]} has vLLM's queue gauges but not "
+                           f"{FIRST_TOKENS.decode()} and {FINISHED.decode()}: the end of "
+                           f"non-streamed prefills on {eid} is estimated from the gauges "
+                           f"alone (counted in kvcache_engine_metrics_gauges_only)")
+        else:
+            self._gauges_only.discard(eid)
+            logger.info(f"[kvcache] {self.urls[eid]} reports vLLM's first-token and "
+                        f"finished counters again")
 
     def _run(self) -> None:
         try:

@@ -578,6 +578,7 @@ class KVCache:
             st = scraper.stats
             out["engine_metrics"] = {
                 "scrapes": st.scrapes, "failures": st.failures,
+                "gauges_only": st.gauges_only,
                 "cpu_ms_per_scrape": round(st.cpu_seconds * 1000 / max(st.scrapes, 1), 3),
                 "last": {e: (asdict(r) if r else None) for e, r in scraper.last.items()},
                 "foreign": {e: self.router.index.foreign(e) for e in scraper.urls},

@@ -195,6 +195,10 @@ class _StateCollector(Collector):
             yield _counter("kvcache_engine_metrics_failures",
                            "Reads of the engines' vLLM /metrics that failed.",
                            scraper.stats.failures)
+            yield _counter("kvcache_engine_metrics_gauges_only",
+                           "Reads of the engines' /metrics without vLLM's first-token and "
+                           "finished counters (non-streamed prefills then end by estimate).",
+                           scraper.stats.gauges_only)
         if parts.link is not None and parts.replicas is not None:
             yield _gauge("kvcache_replicas_connected",
                          "1 while the link to the other replicas (Redis) is up.",

@@ -122,6 +122,16 @@ class PolicyParams:
     # 0: only light load (nothing queued) keeps it there; more keeps requests with their
     # prefix longer, favouring the engines' hit ratio over TTFT at moderate load.
     spill_margin: float = 0.0
+    # ... or than this many tokens, whichever is more. A queue that short delays the request
+    # by a few blocks' prefill (768 tokens: ~25 ms on the calibration's H100), and leaving
+    # copies the prefix to a second endpoint: the copy is computed twice, and later requests
+    # carrying the prefix then split between two holders (a chat's next turns follow the one
+    # it went to). The cost rule alone moves the third request of a cold start: the first
+    # one's prompt is still prefilling on its server. On the real-vLLM comparison that left
+    # 1.2 points of hit ratio to routers that never move (docs/real-peers.md); in the
+    # simulation any floor up to 1024 tokens wins the same cells (docs/routing-seeds.md).
+    # At most twice the tokens held counts (see `choose`).
+    spill_floor_tokens: int = 768
     # A match the cache view reports on a lower tier than the engine's GPU (KV events'
     # medium CPU, the MP coordinator's tiers) still has to be loaded: each of its tokens
     # costs this share of recomputing it. Default: the calibration's 31-37 us per token of
@@ -208,7 +218,10 @@ def choose(
     winner, matched = candidates[best[3]], -best[1]
     held, holder_id = -most[0], candidates[most[2]]
     queued = prefill_tokens if prefill_tokens is not None else load
-    if matched < held and queued.get(holder_id, 0) <= p.spill_margin * held:
+    # The floor is capped at twice the held tokens: waiting for a queue is then never worse
+    # than the recompute it avoids by more than that recompute, however little is held.
+    floor = min(p.spill_floor_tokens, 2 * held)
+    if matched < held and weight * queued.get(holder_id, 0) <= max(p.spill_margin * held, floor):
         # Going anywhere but the best holder recomputes part of the prefix. With no prefill
         # queued there (light load: the requests there are only decoding, which hardly
         # delays a new request's start, whatever the per-request term says), that never

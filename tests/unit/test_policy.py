@@ -56,7 +56,8 @@ def test_cost_policy_keeps_affinity_until_the_holder_is_much_busier() -> None:
     from addon.policy import PolicyParams
 
     lb = LoadBalancer("least_inflight")
-    p = PolicyParams("cost", load_weight_tokens=256)
+    # No floor: the cost rule alone (the floor would keep the request up to 3 x 256 queued).
+    p = PolicyParams("cost", load_weight_tokens=256, spill_floor_tokens=0)
     # 3000-token history held by e1: it stays there despite a few requests in flight.
     c = choose({"e1": 2816, "e2": 512}, IDS, {"e1": 4, "e2": 0, "e3": 0}, lb, 3100, p)
     assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
@@ -74,7 +75,7 @@ def test_cost_policy_prefers_a_second_holder_when_the_first_is_busy() -> None:
 
     lb = LoadBalancer("least_inflight")
     c = choose({"e1": 1024, "e2": 768}, IDS, {"e1": 5, "e2": 0, "e3": 0}, lb, 1100,
-               PolicyParams("cost", 256))
+               PolicyParams("cost", 256, spill_floor_tokens=0))
     assert (c.endpoint_id, c.reason, c.matched_tokens) == ("e2", "cache-hit", 768)
 
 
@@ -104,7 +105,7 @@ def test_hot_prefix_spreads_to_the_least_loaded_non_holder() -> None:
     from addon.policy import PolicyParams
 
     lb = LoadBalancer("least_inflight")
-    p = PolicyParams(hot_copy_credit=0.5)
+    p = PolicyParams(hot_copy_credit=0.5, spill_floor_tokens=0)
     load = {"e1": 2500, "e2": 0, "e3": 300}
     # The prefix needs two holders and has one: idle e2 takes a copy. It is credited half
     # the prefix (5000 - 2048 = 2952 tokens) against the holder's 904 uncached + 2500 queued.
@@ -118,7 +119,8 @@ def test_hot_prefix_spreads_to_the_least_loaded_non_holder() -> None:
     c = choose({"e1": 4096}, IDS, {}, lb, 5000, p, load_tokens=light, replicas=2)
     assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
     # ... unless a copy is credited in full: then any less loaded endpoint takes one.
-    c = choose({"e1": 4096}, IDS, {}, lb, 5000, PolicyParams(hot_copy_credit=1.0),
+    c = choose({"e1": 4096}, IDS, {}, lb, 5000,
+               PolicyParams(hot_copy_credit=1.0, spill_floor_tokens=0),
                load_tokens=light, replicas=2)
     assert (c.endpoint_id, c.reason) == ("e2", "hot-spread")
     # Enough holders: the less loaded holder, no new copy.
@@ -161,7 +163,7 @@ def test_leaving_the_best_holder_must_pay_in_queued_prefill() -> None:
     from addon.policy import PolicyParams
 
     lb = LoadBalancer("least_inflight")
-    p = PolicyParams()  # load in tokens
+    p = PolicyParams(spill_floor_tokens=0)  # load in tokens; the floor is tested below
     # e1 holds 640 of the prompt, e2 and e3 the 512-token system prompt. e1 has two
     # requests decoding (320 tokens of load, no prefill queued): the 128 tokens e2 would
     # recompute are not worth a move that saves no queueing.
@@ -189,9 +191,43 @@ def test_a_spill_margin_keeps_requests_with_their_prefix_longer() -> None:
     # there until more than 2 x 512 tokens are queued.
     kw = dict(load_tokens={"e1": 600, "e2": 0, "e3": 0},
               prefill_tokens={"e1": 600, "e2": 0, "e3": 0})
-    assert choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(), **kw).endpoint_id == "e2"
-    c = choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(spill_margin=2.0), **kw)
+    p = PolicyParams(spill_floor_tokens=0)
+    assert choose({"e1": 512}, IDS, {}, lb, 800, p, **kw).endpoint_id == "e2"
+    c = choose({"e1": 512}, IDS, {}, lb, 800, PolicyParams(spill_margin=2.0, spill_floor_tokens=0),
+               **kw)
     assert (c.endpoint_id, c.reason) == ("e1", "cache-hit")
+
+
+def test_a_spill_floor_keeps_requests_while_little_prefill_is_queued() -> None:
+    from addon.policy import PolicyParams
+
+    lb = LoadBalancer("least_inflight")
+
+    def on(queued: int, p: PolicyParams) -> str:
+        kw = dict(load_tokens={"e1": queued + 48, "e2": 0, "e3": 0},
+                  prefill_tokens={"e1": queued, "e2": 0, "e3": 0})
+        c = choose({"e1": 512}, IDS, {}, lb, 645, p, **kw)
+        assert c.reason == "cache-hit" or c.endpoint_id != "e1"
+        return c.endpoint_id
+
+    # A cold start: the first request's ~640-token prompt is still prefilling on e1 when
+    # the next ones, sharing its 512-token system prompt, arrive. Without a floor they are
+    # sent to copy that prompt elsewhere; with one they stay while at most 768 tokens of
+    # prefill are queued there, and leave once more are.
+    assert on(600, PolicyParams(spill_floor_tokens=0)) != "e1"
+    assert on(600, PolicyParams(spill_floor_tokens=768)) == "e1"
+    assert on(768, PolicyParams(spill_floor_tokens=768)) == "e1"
+    assert on(900, PolicyParams(spill_floor_tokens=768)) != "e1"
+    # The floor and the margin: whichever allows more queued prefill holds.
+    assert on(900, PolicyParams(spill_floor_tokens=768, spill_margin=2.0)) == "e1"
+    assert on(1100, PolicyParams(spill_floor_tokens=768, spill_margin=2.0)) != "e1"
+    # A small holder is not worth a long wait: at most twice what it holds counts.
+    kw = dict(load_tokens={"e1": 400, "e2": 0, "e3": 0},
+              prefill_tokens={"e1": 352, "e2": 0, "e3": 0})
+    p = PolicyParams(spill_floor_tokens=768)
+    assert choose({"e1": 128}, IDS, {}, lb, 1000, p, **kw).endpoint_id != "e1"
+    kw["prefill_tokens"] = {"e1": 256, "e2": 0, "e3": 0}
+    assert choose({"e1": 128}, IDS, {}, lb, 1000, p, **kw).endpoint_id == "e1"
 
 
 def test_a_lower_tier_hit_costs_a_load_but_beats_a_recompute() -> None:
@@ -215,7 +251,8 @@ def test_a_lower_tier_hit_costs_a_load_but_beats_a_recompute() -> None:
                prefill_tokens={"e1": 0, "e2": 300, "e3": 0}, lower_tier={"e2"})
     assert (c.endpoint_id, c.reason) == ("e2", "cache-hit")
     # At cost 1 a lower-tier hit is worth nothing.
-    c = choose({"e2": 4096}, IDS, {}, lb, 4200, PolicyParams(lower_tier_cost=1.0, spill_margin=0),
+    c = choose({"e2": 4096}, IDS, {}, lb, 4200,
+               PolicyParams(lower_tier_cost=1.0, spill_margin=0, spill_floor_tokens=0),
                load_tokens={"e1": 0, "e2": 300, "e3": 0},
                prefill_tokens={"e1": 0, "e2": 300, "e3": 0}, lower_tier={"e2"})
     assert c.endpoint_id != "e2"
