@@ -130,7 +130,7 @@ class PolicyParams:
     # one's prompt is still prefilling on its server. On the real-vLLM comparison that left
     # 1.2 points of hit ratio to routers that never move (docs/real-peers.md); in the
     # simulation any floor up to 1024 tokens wins the same cells (docs/routing-seeds.md).
-    # At most twice the tokens held counts (see `choose`).
+    # At most twice the tokens a move would recompute counts (see `choose`).
     spill_floor_tokens: int = 768
     # A match the cache view reports on a lower tier than the engine's GPU (KV events'
     # medium CPU, the MP coordinator's tiers) still has to be loaded: each of its tokens
@@ -218,9 +218,10 @@ def choose(
     winner, matched = candidates[best[3]], -best[1]
     held, holder_id = -most[0], candidates[most[2]]
     queued = prefill_tokens if prefill_tokens is not None else load
-    # The floor is capped at twice the held tokens: waiting for a queue is then never worse
-    # than the recompute it avoids by more than that recompute, however little is held.
-    floor = min(p.spill_floor_tokens, 2 * held)
+    # The floor is capped at twice the tokens the move would recompute: waiting for a queue
+    # is then never worse than the recompute it avoids by more than that recompute, however
+    # little is held or however much the other endpoint holds too.
+    floor = min(p.spill_floor_tokens, 2 * (held - matched))
     if matched < held and weight * queued.get(holder_id, 0) <= max(p.spill_margin * held, floor):
         # Going anywhere but the best holder recomputes part of the prefix. With no prefill
         # queued there (light load: the requests there are only decoding, which hardly

@@ -16,14 +16,12 @@ What it asserts (vLLM's own prefix-cache hit ratio, one seed): every request ans
 ceiling above 0; every router above round robin; the addon within FED_GAP of the peers'
 `cache_aware` with the controller fed and within EMPTY_GAP of sglang-router's with an empty
 controller; and (issue 15) the kv-events row within KV_GAP of the controller-fed row of the
-same run, with most of its decisions cache hits from the events' view. Issue 13 asks for
-more (fed >= every peer, empty >= sglang - 1 point), which the addon does not reach yet
-(docs/real-peers.md: 76.1% fed and 75.2% empty against 77.3%, over three seeds; 76.7% with
-routing_spill_margin: 1; the peers send every request to one server at this load): the test
-prints those comparisons and guards the gap so that it cannot widen unnoticed, and asserts
-that with the controller fed users stay on their server (FED_MAX_MOVES). The kv-events row
-there: 75.9% (per seed -0.3 to +0.0 points from the fed row of the same run). The table is
-written to out/real-peers/ and printed.
+same run, with most of its decisions cache hits from the events' view; with the controller
+fed, users stay on their server (FED_MAX_MOVES). Issue 13's bar is fed >= every peer and
+empty >= sglang - 1 point: docs/real-peers.md, over three seeds, has every addon row at the
+peers' 77.3%, the ceiling (the spill floor keeps the cold start's requests on the server
+prefilling the system prompt; without it, 75.9%). The table is written to out/real-peers/
+and printed.
 """
 
 from __future__ import annotations
@@ -48,26 +46,23 @@ from bench.real_peers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 # How far behind the peers' cache_aware the addon may be, in hit ratio, on this test's one
-# seed. What is left of the gap is the first round: the first users' prompts and the
-# system prompt go to three servers (docs/real-peers.md: 1.1-1.2 points with the controller
-# fed, 0.9-3.0 with it empty, per seed). Until session 7 a run also moved by up to 5 points
-# with timing (short answers looked like a busy holder and moved users off it); this allows
-# for part of that, and catches routing that stopped working (round robin is ~15 points
-# behind).
-FED_GAP = 0.04
-EMPTY_GAP = 0.07
+# seed: issue 13's bar (fed >= every peer, empty >= sglang-router - 1 point), with half a
+# point for fed to allow for timing (in docs/real-peers.md every addon row equals the peers
+# on every seed: all of them send every request to one server at this load). Without the
+# spill floor the cold start copied the system prompt to three servers: 1.4 points behind.
+FED_GAP = 0.005
+EMPTY_GAP = 0.01
 # With the controller fed, a user's next turn stays on the server that served the previous
 # one: 0 moves in 180 follow-up turns over three seeds (12 before the per-request load
 # scaled with max_tokens). At most this many of the test's 60.
 FED_MAX_MOVES = 3
 # Issue 15: the kv-events row (no controller) >= the controller-fed row of the same run, less
-# this. One addon row moves by up to ~6 points between runs of the same seed (the reports so
-# far: fed seed 3 74.7%, 70.4%, 75.9%; empty seed 2 69.6%, 75.8%, 73.3%; empty seed 1 74.5%,
-# 69.2%, 73.2%, 73.3%), and the two rows here are two such runs, so a one-seed difference
-# within 6 points is noise; the three-seed means in docs/real-peers.md are the measure. That
-# the events' view is what routes (and not the proxy's own memory, which alone gives the
+# this. Before the spill floor, one addon row moved by up to ~6 points between runs of the
+# same seed, as the cold start spread prompts over the servers with timing; with every
+# request on one server the rows match to the token in docs/real-peers.md. That the events'
+# view is what routes (and not the proxy's own memory, which alone gives the
 # empty-controller row's figure) is checked apart: most decisions are cache hits.
-KV_GAP = 0.06
+KV_GAP = 0.01
 KV_MIN_CACHE_HITS = 0.75  # of the kv-events row's requests (fed: 200 of 216)
 REAL = os.environ.get("KVCACHE_REAL") == "1"
 
@@ -101,7 +96,7 @@ def test_addon_against_peer_routers_on_real_vllm(real_vllm_fleet: real_peers.Fle
     for name in (FED, EMPTY, KV_EVENTS, SGLANG_CA, VLLM_CA):
         if not c.mean(name) > rr:
             failed.append(f"{name} {c.mean(name):.1%} not above round robin {rr:.1%}")
-    # The gap to the peers, which issue 13 wants closed (reported, not yet asserted).
+    # Issue 13: at least the peers' hit ratio (less FED_GAP for one seed's timing).
     for peer in (SGLANG_CA, VLLM_CA):
         print(f"[real_peers] issue 13: addon (fed) {c.mean(FED):.1%} >= {peer} "
               f"{c.mean(peer):.1%}: {'yes' if c.mean(FED) >= c.mean(peer) else 'NO'}",

@@ -176,6 +176,12 @@ def test_leaving_the_best_holder_must_pay_in_queued_prefill() -> None:
                load_tokens={"e1": 620, "e2": 0, "e3": 0},
                prefill_tokens={"e1": 300, "e2": 0, "e3": 0})
     assert (c.endpoint_id, c.matched_tokens) == ("e2", 512)
+    # The spill floor does not hold it back: it counts at most twice the 128 tokens the
+    # move recomputes, and 300 are queued.
+    c = choose({"e1": 640, "e2": 512, "e3": 512}, IDS, {}, lb, 700, PolicyParams(),
+               load_tokens={"e1": 620, "e2": 0, "e3": 0},
+               prefill_tokens={"e1": 300, "e2": 0, "e3": 0})
+    assert (c.endpoint_id, c.matched_tokens) == ("e2", 512)
     # The same for a spill to an endpoint that holds nothing.
     c = choose({"e1": 512}, IDS, {}, lb, 800, p, load_tokens={"e1": 480, "e2": 0, "e3": 0},
                prefill_tokens={"e1": 0, "e2": 0, "e3": 0})
@@ -221,7 +227,7 @@ def test_a_spill_floor_keeps_requests_while_little_prefill_is_queued() -> None:
     # The floor and the margin: whichever allows more queued prefill holds.
     assert on(900, PolicyParams(spill_floor_tokens=768, spill_margin=2.0)) == "e1"
     assert on(1100, PolicyParams(spill_floor_tokens=768, spill_margin=2.0)) != "e1"
-    # A small holder is not worth a long wait: at most twice what it holds counts.
+    # A small holder is not worth a long wait: at most twice what a move recomputes counts.
     kw = dict(load_tokens={"e1": 400, "e2": 0, "e3": 0},
               prefill_tokens={"e1": 352, "e2": 0, "e3": 0})
     p = PolicyParams(spill_floor_tokens=768)
