@@ -20,7 +20,7 @@ same run, with most of its decisions cache hits from the events' view; with the 
 fed, users stay on their server (FED_MAX_MOVES). Issue 13's bar is fed >= every peer and
 empty >= sglang - 1 point: docs/real-peers.md, over three seeds, has every addon row at the
 peers' 77.3%, the ceiling (the spill floor keeps the cold start's requests on the server
-prefilling the system prompt; without it, 75.9%). The table is written to out/real-peers/
+prefilling the system prompt; without it, 75.8%). The table is written to out/real-peers/
 and printed.
 """
 
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # seed: issue 13's bar (fed >= every peer, empty >= sglang-router - 1 point), with half a
 # point for fed to allow for timing (in docs/real-peers.md every addon row equals the peers
 # on every seed: all of them send every request to one server at this load). Without the
-# spill floor the cold start copied the system prompt to three servers: 1.4 points behind.
+# spill floor the cold start copied the system prompt to three servers: 1.5 points behind.
 FED_GAP = 0.005
 EMPTY_GAP = 0.01
 # With the controller fed, a user's next turn stays on the server that served the previous
