@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "proxy-ab.md").write_text(text)
     return 0
 
