@@ -227,7 +227,8 @@ def choose(
         # queued there (light load: the requests there are only decoding, which hardly
         # delays a new request's start, whatever the per-request term says), that never
         # pays: the request stays with the endpoint that holds most of its prompt.
-        # `spill_margin` widens "no prefill queued" to that share of the held tokens.
+        # `spill_floor_tokens` widens "no prefill queued" to a queue that short, and
+        # `spill_margin` to that share of the held tokens.
         return Choice(holder_id, "cache-hit", held, tuple(table))
     if matched > 0:
         return Choice(winner, "cache-hit", matched, tuple(table))
