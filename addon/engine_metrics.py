@@ -79,10 +79,11 @@ def parse(text: bytes) -> EngineReading | None:
         return None
     kv = _sum_gauge(text, KV_USAGE)
     first, done = _sum_gauge(text, FIRST_TOKENS), _sum_gauge(text, FINISHED)
-    counted = first is not None and done is not None
+    if first is None or done is None:  # one without the other tells nothing
+        first = done = None
     return EngineReading(int(waiting), int(running), -1.0 if kv is None else kv,
-                         int(first) if counted and first is not None else None,
-                         int(done) if counted and done is not None else None)
+                         None if first is None else int(first),
+                         None if done is None else int(done))
 
 
 @dataclass

@@ -118,7 +118,10 @@ def parse_llm_request(
     messages = data.get("messages")
     prompt = data.get("prompt")
     stream = data.get("stream") is True
-    limit = data.get("max_completion_tokens", data.get("max_tokens"))
+    # A client may send the newer name as null beside the older one (SDKs that fill every
+    # field): the first one that is set counts.
+    limit = next((v for v in (data.get("max_completion_tokens"), data.get("max_tokens"))
+                  if v is not None), None)
     max_tokens = (limit if isinstance(limit, int) and not isinstance(limit, bool)
                   and limit >= 0 else None)
     if isinstance(messages, list) and messages:

@@ -65,6 +65,11 @@ def test_parse_sums_data_parallel_engines_and_rejects_other_pages() -> None:
             b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
             b'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n')
     assert parse(page) == EngineReading(5, 5, -1.0)  # no counters: None, None
+    # One counter without the other says nothing about the requests decoding.
+    assert parse(page + b"vllm:time_to_first_token_seconds_count 7.0\n") == EngineReading(
+        5, 5, -1.0)
+    assert parse(page + b"vllm:time_to_first_token_seconds_count 7.0\n"
+                 b"vllm:request_success_total 3.0\n") == EngineReading(5, 5, -1.0, 7, 3)
     assert parse(b"# HELP other\nother_metric 1.0\n") is None
     assert parse(b"") is None
     assert parse(b"vllm:num_requests_waiting 1.0\n") is None  # no running gauge

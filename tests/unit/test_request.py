@@ -96,6 +96,7 @@ def test_max_tokens_is_read_from_either_form() -> None:
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert parse({**chat, "max_completion_tokens": 40, "max_tokens": 9}).max_tokens == 40
     assert parse({**chat, "max_tokens": 9}).max_tokens == 9
+    assert parse({**chat, "max_completion_tokens": None, "max_tokens": 9}).max_tokens == 9
     # Absent, or not a count: unknown.
     for bad in ({}, {"max_tokens": None}, {"max_tokens": "16"}, {"max_tokens": True},
                 {"max_tokens": -1}, {"max_tokens": 1.5}):
